@@ -1,0 +1,5 @@
+import sys
+
+from semdiff.cli import main
+
+sys.exit(main())
