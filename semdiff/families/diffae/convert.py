@@ -329,3 +329,21 @@ def convert_diffae_checkpoint(
             f"converted weights do not fit the inferred architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return save_model_folder(model, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_cli_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="official Diff-AE .ckpt (e.g. ffhq256_autoenc/last.ckpt)")
+    parser.add_argument("out_dir", help="model folder to write")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="image size, needed only when it cannot be inferred from the checkpoint")
+    parser.add_argument("--latent", default=None, help="*_autoenc_latent .ckpt with the latent DDIM prior")
+    parser.add_argument("--classifier", default=None, help="*_autoenc_cls .ckpt with the CelebA attribute classifier")
+
+
+def run_cli(args) -> Path:
+    return convert_diffae_checkpoint(args.checkpoint, args.out_dir, image_size=args.image_size,
+                                     latent=args.latent, classifier=args.classifier)
