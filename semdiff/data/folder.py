@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import glob
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -153,4 +153,7 @@ class ImageFolderDataset(Dataset):
         return image, str(path)
 
     def __repr__(self) -> str:
-        return f"ImageFolderDataset({self.root!r}, image_size={self.image_size}, n={len(self)}, skipped={len(self.skipped)})"
+        return (
+            f"ImageFolderDataset({self.root!r}, image_size={self.image_size}, n={len(self)}, "
+            f"skipped={len(self.skipped)})"
+        )

@@ -79,7 +79,8 @@ def _outline(shape: str, cx: float, cy: float, r: float, rotation_deg: float) ->
             points.append((radius * math.cos(angle), radius * math.sin(angle)))
     elif shape == "cross":
         w = 0.35  # half-width of the arms
-        points = [(w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w), (-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w)]
+        points = [(w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        points += [(-px, -py) for px, py in points]  # the cross is point-symmetric
         points = [(px / math.hypot(1, w), py / math.hypot(1, w)) for px, py in points]  # circumradius 1
     elif shape == "heart":
         # the classic parametric heart, scaled so that it fits inside the unit circle
@@ -88,7 +89,7 @@ def _outline(shape: str, cx: float, cy: float, r: float, rotation_deg: float) ->
         hy = 13 * np.cos(ts) - 5 * np.cos(2 * ts) - 2 * np.cos(3 * ts) - np.cos(4 * ts)
         hy = hy + 2.5  # centre it vertically on its bounding box
         scale = 1.0 / np.hypot(hx, hy).max()
-        points = list(zip((hx * scale).tolist(), (hy * scale).tolist()))
+        points = list(zip((hx * scale).tolist(), (hy * scale).tolist(), strict=True))
     else:
         raise ValueError(f"unknown shape {shape!r}")
     theta = math.radians(rotation_deg)
