@@ -13,6 +13,13 @@ from dataclasses import dataclass
 import torch
 
 
+def _linspace(start: float, end: float, n: int) -> torch.Tensor:
+    # numpy's linspace, not torch's: the official code uses numpy and the two differ in the last bit.
+    import numpy as np
+
+    return torch.from_numpy(np.linspace(start, end, n, dtype=np.float64)).to("cpu")
+
+
 def make_betas(name: str, num_timesteps: int = 1000, **kwargs) -> torch.Tensor:
     """Return float64 betas for a named schedule.
 
@@ -26,15 +33,15 @@ def make_betas(name: str, num_timesteps: int = 1000, **kwargs) -> torch.Tensor:
     T = num_timesteps
     if name == "linear":
         scale = 1000 / T
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64, device="cpu")
+        return _linspace(scale * 1e-4, scale * 0.02, T)
     if name.startswith("const"):
         return torch.full((T,), float(name[len("const"):]), dtype=torch.float64, device="cpu")
     if name == "linear_range":
-        return torch.linspace(kwargs["beta_start"], kwargs["beta_end"], T, dtype=torch.float64, device="cpu")
+        return _linspace(kwargs["beta_start"], kwargs["beta_end"], T)
     if name == "scaled_linear":
         start = kwargs.get("beta_start", 0.0015)
         end = kwargs.get("beta_end", 0.0195)
-        return torch.linspace(start**0.5, end**0.5, T, dtype=torch.float64, device="cpu") ** 2
+        return _linspace(start**0.5, end**0.5, T) ** 2
     if name == "cosine":
         def f(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2

@@ -299,8 +299,9 @@ def convert_diffae_checkpoint(
 
     top = _read(checkpoint_path, "Diff-AE checkpoint")
     official = split_prefix(top)
-    # conds_* are buffers of the LightningModule itself: top level, outside ema_model.
-    official.update({k: v for k, v in top.items() if k in ("conds_mean", "conds_std")})
+    # conds_* and x_T (which reveals the image size) are buffers of the LightningModule itself:
+    # top level, outside ema_model.
+    official.update({k: v for k, v in top.items() if k in ("conds_mean", "conds_std", "x_T")})
     if latent is not None:
         lat = _read(latent, "Diff-AE latent checkpoint")
         latent_keys = {k: v for k, v in split_prefix(lat).items() if k.startswith("latent_net.")}
