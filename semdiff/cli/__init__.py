@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         return int(args.func(args) or 0)
+    except KeyError as err:  # unknown model or attribute names: the message is the first argument
+        print(f"semdiff {args.command}: error: {err.args[0] if err.args else err}", file=sys.stderr)
+        return 2
     except (CLIError, ValueError, FileNotFoundError, OSError) as err:
         print(f"semdiff {args.command}: error: {err}", file=sys.stderr)
         return 2
