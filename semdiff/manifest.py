@@ -30,6 +30,7 @@ __all__ = [
     "ManifestError",
     "UnknownModelError",
     "ZooError",
+    "default_model_name",
     "get_entry",
     "list_models",
     "load_manifest",
@@ -132,6 +133,24 @@ SOURCE_SCHEMAS: dict[str, dict] = {
             "sha256": {"type": ["string", "null"], "pattern": _HEX64},
             "size": {"type": ["integer", "null"], "minimum": 1},
             "convert": _CONVERT,
+            # further files the converter takes by path, e.g. {"classifier": {"filename", "sha256", "size"}}
+            # (from the same repo and revision unless they name their own)
+            "inputs": {
+                "type": "object",
+                "propertyNames": {"pattern": r"^[a-z_][a-z0-9_]*$"},
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["filename", "sha256", "size"],
+                    "properties": {
+                        "repo_id": {"type": ["string", "null"], "pattern": r"^[\w.-]+/[\w.-]+$"},
+                        "revision": {"type": ["string", "null"], "pattern": _HEX40},
+                        "filename": {"type": "string", "pattern": _REL_PATH},
+                        "sha256": {"type": ["string", "null"], "pattern": _HEX64},
+                        "size": {"type": ["integer", "null"], "minimum": 1},
+                    },
+                    "additionalProperties": False,
+                },
+            },
             "official_location": {"type": "string"},
             "candidates": {"type": "array", "items": {"type": "object", "required": ["repo_id"]}},
         },
@@ -188,6 +207,8 @@ MANIFEST_SCHEMA: dict = {
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "description": {"type": "string"},
+        # the model SemanticAutoencoder.from_pretrained() loads without a name (a bundled one)
+        "default": {"type": ["string", "null"], "pattern": NAME_PATTERN},
         "models": {"type": "object", "propertyNames": {"pattern": NAME_PATTERN}, "additionalProperties": ENTRY_SCHEMA},
     },
     "additionalProperties": False,
@@ -282,6 +303,10 @@ def validate_entry(name: str, entry: Any) -> list[str]:
         for key in ("repo_id", "revision", "sha256", "size"):
             if source.get(key) is None:
                 problems.append(f"{where}.source.{key}: must be set when status is 'available'")
+    if kind == "official-checkpoint" and status == "available":
+        for arg, spec in source.get("inputs", {}).items():
+            if spec.get("sha256") is None or spec.get("size") is None:
+                problems.append(f"{where}.source.inputs.{arg}: sha256 and size must be set when status is 'available'")
     if status == "not-located" and kind == "official-checkpoint" and source.get("repo_id") and source.get("revision") \
             and source.get("sha256"):
         problems.append(f"{where}: the checkpoint is fully located (repo, pinned revision, sha256); "
@@ -299,6 +324,8 @@ def validate_manifest(data: Any) -> None:
     else:
         for name, entry in models.items():
             problems += validate_entry(name, entry)
+    if isinstance(models, dict) and isinstance(data, dict) and data.get("default") and data["default"] not in models:
+        problems.append(f"$.default: {data['default']!r} is not a model of this manifest")
     if problems:
         raise ManifestError("invalid model manifest:\n  " + "\n  ".join(problems))
 
@@ -351,8 +378,11 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict:
                 merged = merged or data
                 models.update(data["models"])
             _cache.clear()
+            default = None
+            for src in sources:  # the last manifest that names a default wins
+                default = _read(src).get("default") or default
             _cache[key] = {"schema_version": SCHEMA_VERSION, "description": merged.get("description", ""),
-                           "models": models}
+                           "default": default, "models": models}
         result = copy.deepcopy(_cache[key])
         result["models"].update(copy.deepcopy(_registered))
     return result
@@ -401,6 +431,18 @@ def suggest_names(name: str, names: Iterable[str] | None = None, n: int = 3) -> 
     if len(out) < n:  # substrings ("ffhq256" -> the ffhq256 models)
         out += [p for p in pool if query and query in p.lower() and p not in out][: n - len(out)]
     return out[:n]
+
+
+def default_model_name() -> str:
+    """The model loaded when no name is given: the manifest's ``default``, else the first bundled model."""
+    manifest = load_manifest()
+    if manifest.get("default"):
+        return manifest["default"]
+    bundled = sorted(n for n, e in manifest["models"].items() if e["status"] == "bundled")
+    if bundled:
+        return bundled[0]
+    raise UnknownModelError("No default model: none is bundled with this installation. Pass a model name "
+                            "(`semdiff list`), an 'hf-hub:org/repo' name or a model folder.", name=None)
 
 
 def get_entry(name: str) -> dict:
