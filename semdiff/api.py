@@ -124,7 +124,8 @@ class SemanticAutoencoder:
         return folder
 
     def push_to_hub(self, repo_id: str, *, folder: str | os.PathLike | None = None, **kwargs) -> str:
-        """Upload the model folder to the Hugging Face Hub; returns the commit URL."""
+        """Upload the model folder to the Hugging Face Hub; returns ``"hf-hub:<repo>@<commit>"``, the name
+        that loads exactly what was pushed."""
         import tempfile
 
         from semdiff.hub import push_folder_to_hub

@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "semdiff.cli.convert",
     "semdiff.cli.train",
     "semdiff.cli.features",
+    "semdiff.cli.prior",
 ]
 
 
