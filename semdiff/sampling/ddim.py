@@ -12,6 +12,13 @@ With ``abar_i`` the cumulative alpha at the i-th visited timestep ``t_i``::
 
 Coefficients are taken from the float64 schedule and cast to float32 before use, like the official
 ``_extract_into_tensor``; the network is called with the original-scale timestep.
+
+Why not diffusers' ``DDIMScheduler`` here: its "leading" spacing is ``range(0, T, T // N)``, which is
+not the official stride rule when N does not divide T (N=3: 0,333,666 vs 0,334,668); other spacings
+use a wrong previous timestep (diffusers #12633); it re-derives eps from the clipped x0 only with
+``use_clipped_model_output=True``; and ``DDIMInverseScheduler`` evaluates the network at the next
+timestep. The loop below is the official arithmetic in a dozen lines. diffusers' multistep solvers
+are used where they fit (``semdiff.sampling.solvers``).
 """
 
 from __future__ import annotations
