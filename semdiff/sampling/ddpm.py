@@ -62,12 +62,15 @@ def ddpm_sample(
     progress: bool = False,
     desc: str = "ddpm",
     x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    coefficients: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from ``x_T`` at ``timesteps[-1]`` down to x0 (see the module docstring).
 
     ``x0_transform`` post-processes x0_hat before the posterior mean (e.g. a family's shift).
+    ``coefficients`` replaces the tables of ``ddpm_coefficients`` (same keys, indexed by step i) for a
+    family whose official code computes them differently (LRDM: float32 tables from its own betas).
     """
-    c = ddpm_coefficients(schedule, timesteps, variance)
+    c = coefficients if coefficients is not None else ddpm_coefficients(schedule, timesteps, variance)
     n = len(timesteps)
     if noise is not None and noise.shape[0] != n:
         raise ValueError(f"noise must have one entry per step ({n}), got shape {tuple(noise.shape)}")
