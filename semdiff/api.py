@@ -20,30 +20,10 @@ import torch
 
 from semdiff.families.base import Family, FeatureNotSupported
 from semdiff.images import to_model_input, to_output
+from semdiff.interpolation import lerp, slerp  # noqa: F401  (re-exported)
 from semdiff.utils import progress_bar, progress_enabled
 
 Codes = tuple[torch.Tensor, torch.Tensor]
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation over the flattened tensors (Diff-AE's interpolate.ipynb).
-
-    ``theta = arccos(<a/|a|, b/|b|>)``, ``x = (sin((1-alpha) theta) a + sin(alpha theta) b) / sin theta``.
-    ``a``, ``b``: one item each; ``alpha``: (N,). Returns (N, *a.shape).
-    """
-    fa, fb = a.flatten(), b.flatten()
-    cos = (torch.nn.functional.normalize(fa, dim=0) * torch.nn.functional.normalize(fb, dim=0)).sum()
-    theta = torch.arccos(cos)
-    alpha = alpha.to(fa)[:, None]
-    out = (torch.sin((1 - alpha) * theta) * fa[None] + torch.sin(alpha * theta) * fb[None]) / torch.sin(theta)
-    return out.view(-1, *a.shape)
-
-
-def lerp(a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """``(1 - alpha) a + alpha b`` for every alpha; returns (N, *a.shape)."""
-    shape = (-1,) + (1,) * a.dim()
-    alpha = alpha.to(a).view(shape)
-    return a[None] * (1 - alpha) + b[None] * alpha
 
 
 class SemanticAutoencoder:
@@ -296,18 +276,18 @@ class SemanticAutoencoder:
         return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress)
 
     def interpolate(self, a: Any, b: Any, num: int = 10, steps: int | None = None, *,
-                    inversion_steps: int | None = None, output_type: str = "pt", resize: bool = False,
-                    progress: bool | None = None):
+                    inversion_steps: int | None = None, mode: str | None = None, output_type: str = "pt",
+                    resize: bool = False, progress: bool | None = None):
         """Decode ``num`` points between two images or two ``(z, x_T)`` codes.
 
-        z is interpolated linearly; x_T spherically (Diff-AE, LRDM) or held fixed, as the family
-        prescribes.
+        Codes are interpolated as the family prescribes (``mode``: "lerp" for Diff-AE and DiffuseVAE,
+        "slerp" for LRDM's representations); x_T spherically (Diff-AE, LRDM) or held fixed (DiffuseVAE).
         """
         if num < 2:
             raise ValueError("num must be at least 2")
         (za, xa), (zb, xb) = (self._as_codes(v, inversion_steps, resize, progress) for v in (a, b))
         alpha = torch.linspace(0, 1, num)
-        z = lerp(za, zb, alpha)
+        z = self.family.interpolate_codes(za, zb, alpha, mode=mode)
         if self.family.stochastic_interpolation == "slerp":
             x_T = slerp(xa, xb, alpha)
         else:

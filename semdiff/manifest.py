@@ -210,6 +210,8 @@ MANIFEST_SCHEMA: dict = {
         # the model SemanticAutoencoder.from_pretrained() loads without a name (a bundled one)
         "default": {"type": ["string", "null"], "pattern": NAME_PATTERN},
         "models": {"type": "object", "propertyNames": {"pattern": NAME_PATTERN}, "additionalProperties": ENTRY_SCHEMA},
+        # parts that are not models on their own but inputs of a conversion (e.g. LRDM's VQ-f4 first stage)
+        "components": {"type": "object", "additionalProperties": {"type": "object"}},
     },
     "additionalProperties": False,
 }

@@ -52,6 +52,8 @@ class Family(nn.Module):
     decode_options: ClassVar[frozenset[str]] = frozenset()
     #: how ``interpolate`` blends stochastic codes: "slerp" or "fixed" (x_T held fixed)
     stochastic_interpolation: ClassVar[str] = "slerp"
+    #: how ``interpolate`` blends semantic codes by default: "lerp" or "slerp"
+    code_interpolation: ClassVar[str] = "lerp"
     #: the family's own default step counts
     default_steps: ClassVar[dict[str, int]] = {"encode_stochastic": 250, "decode": 20, "manipulate": 100, "prior": 200}
 
@@ -123,6 +125,18 @@ class Family(nn.Module):
     def random_stochastic(self, n: int, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
         """x_T ~ N(0, I) for n items."""
         return torch.randn((n, *self.stochastic_shape()), generator=generator, device=device, dtype=dtype)
+
+    def interpolate_codes(self, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor,
+                          mode: str | None = None) -> torch.Tensor:
+        """Codes between ``a`` and ``b`` (one each) for every alpha in (N,): (N, code_dim)."""
+        from semdiff.interpolation import lerp, slerp
+
+        mode = mode or self.code_interpolation
+        if mode == "slerp":
+            return slerp(a, b, alpha)
+        if mode == "lerp":
+            return lerp(a, b, alpha)
+        raise ValueError(f"mode must be 'slerp' or 'lerp', got {mode!r}")
 
     # ---- attribute classifier on normalised codes ------------------------------------------------
     def normalize_codes(self, z: torch.Tensor) -> torch.Tensor:

@@ -126,18 +126,6 @@ class LRDM(Family):
     def predict_x0(self, z_t: torch.Tensor, t: torch.Tensor, features: list[torch.Tensor]) -> torch.Tensor:
         return self.unet(z_t, t, features)
 
-    def interpolate_codes(self, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor,
-                          mode: str | None = None) -> torch.Tensor:
-        """Codes between ``a`` and ``b`` (one each) for every alpha: slerp (official default) or lerp."""
-        from semdiff.api import lerp, slerp
-
-        mode = mode or self.code_interpolation
-        if mode == "slerp":
-            return slerp(a, b, alpha)
-        if mode == "lerp":
-            return lerp(a, b, alpha)
-        raise ValueError(f"mode must be 'slerp' or 'lerp', got {mode!r}")
-
     # ---- the three parts ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
         z0 = self.encode_latent(x)
