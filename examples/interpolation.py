@@ -4,7 +4,7 @@
     python examples/interpolation.py --a me.png --b you.png --num 10 --out interp.png
 
 Both images are encoded (z) and inverted (x_T); ``model.interpolate`` decodes ``num`` points with z
-interpolated linearly and x_T spherically (Diff-AE's recipe). The picture has two rows: the
+and x_T interpolated as the model's family prescribes (Diff-AE: z linearly, x_T spherically). The picture has two rows: the
 semantic interpolation on top, a plain pixel cross-fade below for comparison.
 
 The numbers: how faithfully the two ends reproduce the inputs (PSNR of the first and last frame),

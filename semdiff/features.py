@@ -116,6 +116,13 @@ def _decode(path: str | os.PathLike, size: int, resize: bool) -> torch.Tensor:
         rgba = img.convert("RGBA")
         img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img.alpha_composite(rgba)
+    elif img.mode.startswith("I") or img.mode == "F":
+        # 16-bit / 32-bit / float grey: Pillow's convert("RGB") would clip it at 255
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and arr.max() <= 1.0 else 255.0 if arr.max() <= 255 else 65535.0
+        img = Image.fromarray(np.clip(np.rint(arr / top * 255), 0, 255).astype(np.uint8), "L")
     img = img.convert("RGB")
     if img.size != (size, size):
         if not resize:

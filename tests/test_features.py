@@ -31,6 +31,7 @@ from semdiff.features import (
     load_features,
     read_image_file,
 )
+from semdiff.images import ImageInputError
 from semdiff.io import save_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,7 +271,7 @@ def test_auto_batch_size_and_oom_halving(model, images, monkeypatch):
 
     monkeypatch.setattr(model.family, "encode", fragile)
     stream = iter_folder_codes(model, files, batch_size=8)
-    with pytest.warns(UserWarning, match="batch size lowered to 4"):
+    with pytest.warns(UserWarning, match="batch size lowered to"):
         z = torch.cat([z for _, z, _ in stream])
     assert stream.batch_size == 2 and max(seen) == 6 and seen[-1] <= 2
     torch.testing.assert_close(z, reference, atol=1e-5, rtol=1e-5)
@@ -300,3 +301,18 @@ def test_cli_features_exit_codes(folder, images, tmp_path, capsys):
     assert code == 0 and (tmp_path / "ok.files.txt").is_file()
     code = cli(["features", str(tmp_path / "missing"), "-o", str(out), "--model", str(folder)])
     assert code == 2 and "no such image file or folder" in capsys.readouterr().err
+
+
+def test_read_image_file_converts_modes(tmp_path):
+    rgb = _smooth(3)
+    grey8 = Image.fromarray(rgb).convert("L")
+    Image.fromarray(np.asarray(grey8).astype(np.uint16) * 257).save(tmp_path / "grey16.png")
+    grey8.save(tmp_path / "grey8.png")
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    ref8 = read_image_file(tmp_path / "grey8.png", 32)
+    assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
+    torch.testing.assert_close(read_image_file(tmp_path / "grey16.png", 32), ref8, atol=1 / 255, rtol=0)  # not clipped
+    cmyk = read_image_file(tmp_path / "cmyk.jpg", 32)
+    assert cmyk.shape == (3, 32, 32) and (cmyk - torch.tensor(rgb).permute(2, 0, 1) / 255).abs().mean() < 0.05
+    with pytest.raises(ImageInputError, match="cannot read image .*nothing.png"):
+        read_image_file(tmp_path / "nothing.png", 32)

@@ -41,13 +41,18 @@ def cmd_features(args) -> int:
         raise CLIError(str(err)) from None
     model = _load(args)
     out = Path(args.out)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # skipped files are summarised below, one line for all
-        result = extract_features(
-            model, args.images, out, stochastic=args.stochastic, steps=args.inversion_steps,
-            resume=not args.no_resume, batch_size=args.batch_size, num_workers=args.workers,
-            resize=not args.no_resize, shard_size=args.shard_size,
-        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skipped files are summarised below, one line for all
+            result = extract_features(
+                model, args.images, out, stochastic=args.stochastic, steps=args.inversion_steps,
+                resume=not args.no_resume, batch_size=args.batch_size, num_workers=args.workers,
+                resize=not args.no_resize, shard_size=args.shard_size,
+            )
+    except KeyboardInterrupt:
+        print(f"semdiff features: interrupted; the progress is kept in {out}.partial/ - run the same command "
+              "again to continue", file=sys.stderr)
+        return 130
     what = "semantic and stochastic codes" if args.stochastic else "semantic codes"
     extra = f", {result.reused} taken from the interrupted run" if result.reused else ""
     print(f"wrote {what} of {len(result.files)} images to {out} ({result.computed} computed{extra}; "
