@@ -327,3 +327,20 @@ def test_any_valid_string_builds():
     mu, logvar = vae.encode(torch.rand(2, 3, 16, 16))
     assert mu.shape == (2, 8, 1, 1) and vae.decode(mu).shape == (2, 3, 16, 16)
     assert fixture_json()["vae_config"]["z_dim"] == 48 and load_fixture()["out.vae.mu"].shape[1] == 48
+
+
+def test_image_size_must_fit_the_unet_levels():
+    from semdiff.families.diffusevae.networks import VAE, ConditionalUNet, UNetConfig
+
+    hp = {"input_res": 24, "enc_block_str": "24x1,24d2,24t12,12d12,12t1,1x1", "enc_channel_str": "24:64,12:32,1:16",
+          "dec_block_str": "1x1,1u12,1t12,12u2,12t24,24x1", "dec_channel_str": "24:64,12:32,1:16"}
+    with torch.device("meta"):
+        vae = VAE(VAEConfig(**hp)).state_dict()
+        fits = ConditionalUNet(UNetConfig(model_channels=32, channel_mult=[1, 2, 2, 2], num_res_blocks=1)).state_dict()
+        too_deep = ConditionalUNet(UNetConfig(model_channels=32, channel_mult=[1, 2, 2, 2, 2], num_res_blocks=1)).state_dict()
+    config, _, _ = convert_state_dicts(vae, hp, {"target_network.decoder." + k: v for k, v in fits.items()},
+                                       form="form1", num_heads=1)
+    assert config["vae"]["input_res"] == 24
+    with pytest.raises(CheckpointError, match="halves its input 4 times"):
+        convert_state_dicts(vae, hp, {"target_network.decoder." + k: v for k, v in too_deep.items()},
+                            form="form1", num_heads=1)

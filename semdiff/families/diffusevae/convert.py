@@ -229,9 +229,16 @@ def convert_state_dicts(
             raise CheckpointError("--ddpm got a VAE checkpoint (enc.*/dec.* keys); did you swap --vae and --ddpm?")
         raise CheckpointError("not a DiffuseVAE DDPM checkpoint: no target_network.decoder.* (EMA UNet) weights")
     unet = infer_unet_config({k: tuple(v.shape) for k, v in ema.items()})
+    # the head count does not change any shape: check the weights before asking anything else
+    _compare_shapes(_meta_shapes(lambda: ConditionalUNet(UNetConfig(**unet, num_heads=1))),
+                    {k: tuple(v.shape) for k, v in ema.items()}, "the DDPM checkpoint's EMA UNet weights")
     if unet["use_z"] and unet["z_dim"] != vae_cfg.z_dim:
         raise CheckpointError(f"the VAE does not fit this DDPM: the UNet projects {unet['z_dim']}-d codes but the VAE's "
                               f"z has {vae_cfg.z_dim} dimensions")
+    down = 2 ** (len(unet["channel_mult"]) - 1)
+    if size % down:
+        raise CheckpointError(f"the VAE does not fit this DDPM: the UNet halves its input {len(unet['channel_mult']) - 1} "
+                              f"times, which {size}x{size} images do not allow")
     inner_vae = {k[len("vae."):]: v for k, v in ddpm_state.items() if k.startswith("vae.")}
     if inner_vae:
         own = {k: tuple(v.shape) for k, v in vae_state.items()}
@@ -284,8 +291,6 @@ def convert_state_dicts(
         unet_cfg = UNetConfig(**unet, num_heads=num_heads)
     except ValueError as err:
         raise ValueError(f"--num-heads {num_heads} does not fit this UNet: {err}") from None
-    _compare_shapes(_meta_shapes(lambda: ConditionalUNet(unet_cfg)), {k: tuple(v.shape) for k, v in ema.items()},
-                    "the DDPM checkpoint's EMA UNet weights")
 
     # ---- schedule: the official linspace, checked against the stored betas when present
     schedule = dict(DEFAULT_SCHEDULE)

@@ -78,6 +78,10 @@ class DiffuseVAE(Family):
         if self.unet_config.use_z and self.unet_config.z_dim != self.vae_config.z_dim:
             raise ValueError(f"the UNet projects {self.unet_config.z_dim}-d codes but the VAE's z has "
                              f"{self.vae_config.z_dim} dimensions")
+        down = 2 ** (len(self.unet_config.channel_mult) - 1)
+        if self.vae_config.input_res % down:
+            raise ValueError(f"{self.vae_config.input_res}x{self.vae_config.input_res} images do not fit a UNet that "
+                             f"halves its input {len(self.unet_config.channel_mult) - 1} times")
         self.form = normalize_form(config.get("form", "form1"))
         self.schedule_config = {**DEFAULT_SCHEDULE, **(config.get("schedule") or {})}
         self.default_variance = _check_choice("variance", config.get("variance", "fixedlarge"), VARIANCES)
