@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> dict[float, float]:
                    help=f"image files (default: the emoji {', '.join(DEFAULT_EMOJI)})")
     p.add_argument("--attribute", default=None, help="attribute name (default: a dark skin tone)")
     p.add_argument("--keep", nargs="*", default=[], help="attributes to hold fixed while editing")
+    p.add_argument("--keep-others", action="store_true",
+                   help="hold every other attribute of the model fixed (the edit direction is made orthogonal "
+                        "to all their classifier weights)")
     p.add_argument("--sweep", default="-0.6,-0.3,0,0.3,0.6", help="comma-separated edit scales")
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's)")
     p.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps (default: the model's)")
@@ -98,11 +101,12 @@ def main(argv: list[str] | None = None) -> dict[float, float]:
     else:
         images = emoji_by_name(DEFAULT_EMOJI, model.image_size)
     scales = [float(s) for s in args.sweep.split(",")]
+    keep = [a for a in model.attributes if a != attribute] if args.keep_others else args.keep
 
     t0 = time.perf_counter()
     z = model.encode(images)
     x_T = model.encode_stochastic(images, z, steps=args.inversion_steps)
-    columns = [model.manipulate((z, x_T), attribute, scale=s, steps=args.steps, keep=args.keep) for s in scales]
+    columns = [model.manipulate((z, x_T), attribute, scale=s, steps=args.steps, keep=keep) for s in scales]
     grid = torch.stack(columns, dim=1).flatten(0, 1)  # rows: images, columns: scales
     save_image(make_grid(grid, nrow=len(scales)), args.out)
     print(f"wrote {args.out}: {len(images)} images x scales {scales} ({time.perf_counter() - t0:.1f} s)")
