@@ -471,37 +471,53 @@ def save_attributes(model, folder: str | os.PathLike) -> Path:
 # Codes and file matching
 
 
-def _codes_of(model, source: Any, *, resize: bool, batch_size: int | None, progress: bool | None
-              ) -> tuple[torch.Tensor, list[str] | None, Path | None]:
-    """(codes, file names or None, images root or None) of whatever ``codes_or_images`` was."""
+def _codes_of(model, source: Any, *, resize: bool, batch_size: int | None, progress: bool | None, hflip: bool = False
+              ) -> tuple[torch.Tensor, list[str] | None, Path | None, torch.Tensor | None]:
+    """(codes, file names or None, images root or None, codes of the mirror images or None)."""
     from semdiff.features import FeatureResult, iter_folder_codes, list_images, load_features
 
+    def no_flip(what: str) -> None:
+        if hflip:
+            raise ValueError(f"hflip needs images, not {what}: pass the images (a folder, files or a tensor)")
+
     if isinstance(source, FeatureResult):
-        return source.z, list(source.files), None
+        no_flip("a features result")
+        return source.z.float().cpu(), list(source.files), None, None
     if isinstance(source, torch.Tensor):
         if source.dim() == 2:
+            no_flip("codes")
             if source.shape[1] != model.code_dim:
                 raise ValueError(f"codes must be (N, {model.code_dim}), got {tuple(source.shape)}")
-            return source.float(), None, None
-        return model.encode(source, resize=resize, progress=False).cpu(), None, None
+            return source.detach().float().cpu(), None, None, None
+        z = model.encode(source, resize=resize, progress=False).cpu()
+        flipped = model.encode(source.flip(-1), resize=resize, progress=False).cpu() if hflip else None
+        return z, None, None, flipped
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix in (".safetensors", ".npy") \
             and Path(source).is_file():
+        no_flip("a features file")
         feats = load_features(source)
         root = feats.metadata.get("root")
-        return feats.z, list(feats.files), Path(root) if root else None
+        return feats.z.float(), list(feats.files), Path(root) if root else None, None
     root = Path(source) if isinstance(source, (str, os.PathLike)) and Path(source).is_dir() else None
     files = list_images(source)
-    stream = iter_folder_codes(model, files, batch_size=batch_size, resize=resize)
-    names, zs = [], []
     from semdiff.utils import progress_bar, progress_enabled
 
     bar = progress_enabled(progress if progress is not None else model.progress)
-    for paths, z, _ in progress_bar(stream, total=len(stream), enabled=bar and len(stream) > 1, desc="encode"):
-        names += paths
-        zs.append(z)
-    if not zs:
-        raise ValueError(f"none of the images in {source} could be read")
-    return torch.cat(zs), names, root
+    out = []
+    for flip in ([False, True] if hflip else [False]):
+        stream = iter_folder_codes(model, files, batch_size=batch_size, resize=resize, hflip=flip)
+        names, zs = [], []
+        with warnings.catch_warnings():
+            if flip:
+                warnings.simplefilter("ignore")  # the same files were reported on the first pass
+            for paths, z, _ in progress_bar(stream, total=len(stream), enabled=bar and len(stream) > 1,
+                                            desc="encode mirrored" if flip else "encode"):
+                names += paths
+                zs.append(z)
+        if not zs:
+            raise ValueError(f"none of the images in {source} could be read")
+        out.append((torch.cat(zs), names))
+    return out[0][0], out[0][1], root, out[1][0] if hflip else None
 
 
 def _match_rows(label_files: Sequence[str], code_files: Sequence[str], root: Path | None,
@@ -559,6 +575,7 @@ def fit_attributes(
     holdout: float = 0.2,
     seed: int = 0,
     resize: bool = True,
+    hflip: bool = False,
     apply: bool = True,
     max_classes: int = 64,
     min_count: int = 2,
@@ -581,6 +598,9 @@ def fit_attributes(
             ``steps`` is the official 9,375.
         holdout: the fraction held out (random, ``seed``) to measure accuracy / R^2; 0 for none.
         resize: resize + centre-crop images of another size.
+        hflip: the official augmentation: train on the mirror images too (their codes are encoded
+            alongside; the held-out numbers use unmirrored images only). Needs images, not codes;
+            leave it off where mirroring changes the label (arrows, text, left/right).
         apply: merge the heads into ``model`` (``manipulate(..., attribute=name)`` works right away).
         min_count: a binary head needs at least this many positives and negatives to be trained.
     """
@@ -592,8 +612,8 @@ def fit_attributes(
         raise ValueError("steps must be at least 1")
     if not 0 <= holdout < 1:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
-    codes, files, root = _codes_of(model, codes_or_images, resize=resize, batch_size=encode_batch_size,
-                                   progress=progress)
+    codes, files, root, flipped = _codes_of(model, codes_or_images, resize=resize, batch_size=encode_batch_size,
+                                            progress=progress, hflip=hflip)
     # labels -> aligned with the code rows
     if isinstance(labels, (str, os.PathLike)):
         if files is None:
@@ -608,6 +628,7 @@ def fit_attributes(
         if not rows:
             raise ValueError(f"no file in {labels} matches an image (e.g. {label_files[0]!r} vs {files[0]!r})")
         codes = codes[code_rows]
+        flipped = flipped[code_rows] if flipped is not None else None
         label_map: dict[str, Any] = {k: [v[r] for r in rows] for k, v in raw.items()}
     else:
         label_map = dict(labels)
@@ -675,7 +696,11 @@ def fit_attributes(
         raise ValueError("no attribute could be fitted: " + "; ".join(f"{n}: {r}" for n, r in skipped))
     targets = torch.stack(cols, dim=1)
     cont = torch.tensor(continuous)
-    weight, bias = fit_linear_heads(zn[train_idx], targets[train_idx], cont, steps=steps, lr=lr,
+    zn_train, targets_train = zn[train_idx], targets[train_idx]
+    if flipped is not None:
+        zn_train = torch.cat([zn_train, (flipped[train_idx].float() - mean) / std])
+        targets_train = torch.cat([targets_train, targets_train])
+    weight, bias = fit_linear_heads(zn_train, targets_train, cont, steps=steps, lr=lr,
                                     batch_size=batch_size, weight_decay=weight_decay, seed=seed,
                                     progress=progress_enabled(progress if progress is not None else model.progress))
 

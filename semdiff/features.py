@@ -247,7 +247,8 @@ class FolderCodes:
     """
 
     def __init__(self, model, files: Sequence[str | os.PathLike], *, batch_size: int | None = None,
-                 stochastic: bool = False, steps: int | None = None, num_workers: int = 0, resize: bool = True):
+                 stochastic: bool = False, steps: int | None = None, num_workers: int = 0, resize: bool = True,
+                 hflip: bool = False):
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model
@@ -255,6 +256,7 @@ class FolderCodes:
         self.stochastic = stochastic
         self.steps = steps
         self.resize = resize
+        self.hflip = hflip
         self.batch_size = batch_size or auto_batch_size(model, stochastic=stochastic, n=len(self.files))
         self.skipped: list[tuple[str, str]] = []
         self.num_images = 0
@@ -281,6 +283,8 @@ class FolderCodes:
                 warnings.warn(f"skipped unreadable image {path} ({reason})", stacklevel=2)
             if paths:
                 break
+        if self.hflip:
+            x = x.flip(-1)
         z = self._run(lambda: self.model.encode(x, progress=False))
         x_T = None
         if self.stochastic:
@@ -304,17 +308,17 @@ class FolderCodes:
 
 def iter_folder_codes(model, images: str | os.PathLike | Iterable[str | os.PathLike], *,
                       batch_size: int | None = None, stochastic: bool = False, steps: int | None = None,
-                      num_workers: int = 0, resize: bool = True) -> FolderCodes:
+                      num_workers: int = 0, resize: bool = True, hflip: bool = False) -> FolderCodes:
     """Stream ``(paths, z, x_T or None)`` batches of every image in a folder, glob or list of files.
 
     ``model`` is a :class:`semdiff.SemanticAutoencoder`. Files are taken in sorted order; unreadable
     ones are skipped with a warning naming them and collected in the iterator's ``.skipped``.
     ``batch_size=None`` picks one automatically (:func:`auto_batch_size`); ``stochastic=True`` also
     inverts each image to its stochastic code x_T with ``steps`` DDIM steps (default: the model's).
-    Codes are returned on the CPU.
+    ``hflip=True`` encodes the mirror images instead (for flip augmentation). Codes are returned on the CPU.
     """
     return FolderCodes(model, list_images(images), batch_size=batch_size, stochastic=stochastic, steps=steps,
-                       num_workers=num_workers, resize=resize)
+                       num_workers=num_workers, resize=resize, hflip=hflip)
 
 
 # ---------------------------------------------------------------------------------------------

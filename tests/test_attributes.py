@@ -210,6 +210,8 @@ def test_merge_keeps_official_heads_and_round_trips(celeba_model, tmp_path):
     assert edited.shape == (2, 3, 32, 32) and 0 <= float(edited.min()) and float(edited.max()) <= 1
     with pytest.raises(ValueError, match="8-d codes"):
         add_attributes_to_model(model, ["x"], torch.zeros(1, 8), torch.zeros(1))
+    with pytest.raises(ValueError, match="hflip needs images"):
+        fit_attributes(model, z, {"my_label": (zn @ w > 0)}, hflip=True)
 
 
 def test_model_without_statistics_gets_them_from_the_data(bare_model, tmp_path):
@@ -291,8 +293,9 @@ def test_cli_fit_attributes_then_manipulate(celeba_model, labelled_images, tmp_p
                 "--sweep=-0.5,0,0.5", "--steps", "2", "--inversion-steps", "2", "-o", str(sweep)])
     assert code == 0 and Image.open(sweep).size == (3 * 34 + 2, 34 + 2)
     # a model folder given as MODEL without --out is updated in place; named models need --out
-    code = cli(["fit-attributes", str(out), str(root), str(labels), "--steps", "50", "--columns", "bright"])
+    code = cli(["fit-attributes", str(out), str(root), str(labels), "--steps", "50", "--columns", "bright", "--hflip"])
     assert code == 0
+    assert "encode" not in capsys.readouterr().err
     code = cli(["fit-attributes", "diffae-ffhq256", str(root), str(labels)])
     assert code == 2 and "--out" in capsys.readouterr().err
 
@@ -307,3 +310,21 @@ def test_cli_fit_attributes_from_a_features_file(celeba_model, labelled_images, 
     out = capsys.readouterr().out
     assert code == 0 and "kind (3-way)" in out and "saved" not in out
     assert SemanticAutoencoder.from_pretrained(folder).attributes == CELEBA_ATTRIBUTES  # dry run: unchanged
+
+
+def test_hflip_trains_on_mirror_images_too(celeba_model, labelled_images, monkeypatch):
+    model, _ = celeba_model
+    root, labels = labelled_images
+    seen = []
+    real = model.family.encode
+    monkeypatch.setattr(model.family, "encode", lambda x, **kw: seen.append(x.clone()) or real(x, **kw))
+    with pytest.warns(UserWarning, match="gone.png"):
+        plain = fit_attributes(model, root, labels, columns=["bright"], steps=100, apply=False)
+    n_plain = sum(len(x) for x in seen)
+    seen.clear()
+    with pytest.warns(UserWarning, match="gone.png"):
+        flipped = fit_attributes(model, root, labels, columns=["bright"], steps=100, apply=False, hflip=True)
+    assert n_plain == 24 and sum(len(x) for x in seen) == 48
+    first, mirrored = torch.cat(seen[: len(seen) // 2]), torch.cat(seen[len(seen) // 2:])
+    torch.testing.assert_close(mirrored, first.flip(-1))
+    assert flipped.n_train == plain.n_train == 19 and not torch.equal(flipped.weight, plain.weight)

@@ -106,7 +106,7 @@ def cmd_fit_attributes(args) -> int:
         report = fit_attributes(
             model, args.images, labels, kind=_parse_kinds(args.kind), columns=args.columns, steps=args.steps,
             lr=args.lr, holdout=args.holdout, seed=args.seed, resize=not args.no_resize,
-            weight_decay=args.weight_decay, encode_batch_size=args.batch_size,
+            weight_decay=args.weight_decay, encode_batch_size=args.batch_size, hflip=args.hflip,
         )
     for w in caught:
         text = str(w.message)
@@ -206,6 +206,8 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--holdout", type=float, default=0.2, help="fraction held out for the reported accuracy")
+    p.add_argument("--hflip", action="store_true",
+                   help="the official augmentation: also train on mirror images (needs images, not a features file)")
     p.add_argument("--report", default=None, help="also write the numbers as JSON here")
     p.add_argument("--dry-run", action="store_true", help="fit and report, save nothing")
     p.add_argument("--no-resize", action="store_true", help="skip images that are not the model's size")
