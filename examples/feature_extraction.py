@@ -72,6 +72,23 @@ def read_labels(path: Path, column: str) -> dict[str, str]:
     return {r[0]: r[j] for r in rows[1:] if r[j].strip()}
 
 
+def match_labels(files: list[str], images_dir: Path, by_name: dict[str, str]) -> tuple[list[int], list[str]]:
+    """Rows of the encoded files that have a label: CSV names relative to the images folder or absolute
+    (or bare file names, when those are unique)."""
+    by_path = {str((images_dir / name).resolve()): v for name, v in by_name.items()}  # absolute names stay
+    bare = {Path(name).name: v for name, v in by_name.items()}
+    unique = len(bare) == len(by_name)
+    rows, values = [], []
+    for i, f in enumerate(files):
+        value = by_path.get(str(Path(f).resolve()))
+        if value is None and unique:
+            value = bare.get(Path(f).name)
+        if value is not None:
+            rows.append(i)
+            values.append(value)
+    return rows, values
+
+
 def linear_probe(z_train, y_train, z_test, y_test, classes: int, steps: int = 500) -> float:
     """Softmax regression (Adam, full batch, a little weight decay); held-out accuracy."""
     layer = torch.nn.Linear(z_train.shape[1], classes)
@@ -120,13 +137,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # labels for the encoded files
     by_name = read_labels(labels_csv, args.label)
-    rows, names = [], []
-    for i, f in enumerate(result.files):
-        rel = Path(f).relative_to(images_dir).as_posix() if Path(f).is_relative_to(images_dir) else Path(f).name
-        if rel in by_name:
-            rows.append(i)
-            names.append(by_name[rel])
+    rows, names = match_labels(result.files, images_dir, by_name)
+    if not rows:
+        raise SystemExit(f"no file named in {labels_csv} was among the images, e.g. {next(iter(by_name))!r} "
+                         f"vs {result.files[0]!r}")
     classes = sorted(set(names))
+    if len(classes) > 100:
+        raise SystemExit(f"the label {args.label!r} has {len(classes)} distinct values; the probe is a classifier, "
+                         "pick a categorical column")
     y = torch.tensor([classes.index(v) for v in names])
     z = result.z[rows]
     if len(classes) < 2:

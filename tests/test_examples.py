@@ -61,7 +61,7 @@ def photos(tmp_path_factory):
         arr = np.clip(g.normal(180 if bright else 60, 25, (40, 48, 3)), 0, 255).astype(np.uint8)
         name = f"p{i:02d}.png" if i % 4 else f"p{i:02d}.jpg"
         Image.fromarray(arr).save(root / name)
-        rows.append(f"{name},{bright}")
+        rows.append(f"{root / name if i % 3 == 0 else name},{bright}")  # relative or absolute names
     rgba = np.concatenate([np.full((36, 36, 3), 200, np.uint8), np.full((36, 36, 1), 120, np.uint8)], axis=2)
     Image.fromarray(rgba, "RGBA").save(root / "alpha.png")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
