@@ -65,6 +65,7 @@ _ALLOWED_OBJECTS = [
     "callbacks.EMAWeightUpdate",  # DiffuseVAE's EMA callback
     "util.EMAWeightUpdate",
     "models.callbacks.EMAWeightUpdate",
+    "main.models.callbacks.EMAWeightUpdate",
     "main.SetupCallback",  # LDM / LRDM
     "main.ImageLogger",
     "main.CUDACallback",

@@ -134,7 +134,7 @@ def test_bad_codes_and_steps(model, fx):
         model.decode(fx["z_sem"], torch.zeros(2, 3, 16, 16))
     with pytest.raises(ValueError, match="NaN"):
         model.decode(torch.full((1, 64), float("nan")))
-    with pytest.raises(ValueError, match="closest reachable count is 143"):
+    with pytest.raises(ValueError, match="closest reachable counts are 143 or 167"):
         model.decode(fx["z_sem"], steps=150)
     with pytest.raises(ValueError, match="positive integer"):
         model.decode(fx["z_sem"], steps=0)

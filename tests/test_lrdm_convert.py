@@ -30,7 +30,7 @@ from semdiff.families.lrdm.convert import convert_lrdm_checkpoint, convert_state
 from semdiff.families.lrdm.first_stage import convert_ldm_vq_state_dict, infer_vq_config, load_first_stage
 from semdiff.io import load_model_folder
 
-MANIFEST = Path(__file__).parents[1] / "semdiff" / "families" / "lrdm" / "manifest_entries.json"
+MANIFEST = Path(__file__).parents[1] / "semdiff" / "weights_manifest.json"
 
 
 def _specs(kind: str):
@@ -297,13 +297,15 @@ def test_truncated_empty_and_wrong_checkpoints(ckpt, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_manifest_fragment_validates():
+def test_manifest_lists_the_lrdm_checkpoints():
     from semdiff.manifest import validate_entry
 
     doc = json.loads(MANIFEST.read_text())
     assert {"lrdm-churches256-r64-lambda1e-4", "tlrdm-churches256-r16-lambda1e-4", "ldm-churches256-x0-vqf4"} <= \
         set(doc["models"])
-    for name, entry in doc["models"].items():
+    lrdm = {name: entry for name, entry in doc["models"].items() if entry["family"] == "lrdm"}
+    assert len(lrdm) == 8
+    for name, entry in lrdm.items():
         assert validate_entry(name, entry) == [], name
-        assert entry["family"] == "lrdm" and entry["status"] == "not-located"
-    assert "vq-f4" in doc["first_stages"]
+        assert entry["status"] == "not-located"
+    assert "vq-f4" in doc["components"]

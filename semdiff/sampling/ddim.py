@@ -60,6 +60,12 @@ def predict_x0_eps(
     return x0, eps
 
 
+def randn_like_on(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) shaped like ``x``, drawn on the generator's device (a CPU generator works for CUDA x)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
 def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
@@ -92,7 +98,7 @@ def ddim_sample(
         sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()
         x = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma**2).sqrt() * eps
         if eta > 0 and i > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_like_on(x, generator)
             x = x + sigma * noise
     return x
 

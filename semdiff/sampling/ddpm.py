@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from semdiff.sampling.ddim import ModelFn, predict_x0_eps
+from semdiff.sampling.ddim import ModelFn, predict_x0_eps, randn_like_on
 from semdiff.sampling.schedules import DiffusionSchedule
 from semdiff.utils import progress_bar
 
@@ -87,6 +87,6 @@ def ddpm_sample(
         if noise is not None:
             z = noise[n - 1 - i].to(x)
         else:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn_like_on(x, generator)
         x = mean + torch.exp(torch.tensor(0.5 * float(c["log_var"][i]))).to(x) * z
     return x

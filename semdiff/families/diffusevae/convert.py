@@ -393,7 +393,7 @@ def convert_diffusevae_ddpm(
     image_size: int | None = None,
 ) -> Path:
     """The zoo's converter call ``converter(checkpoint, out_dir, **args, vae=path)``: the DDPM
-    checkpoint first, its VAE as a further input (see ``manifest_entries.json``)."""
+    checkpoint first, its VAE as a further input (see the diffusevae entries of ``weights_manifest.json``)."""
     return convert_diffusevae_checkpoint(vae, checkpoint, out_dir, form=form, num_heads=num_heads,
                                          image_size=image_size)
 

@@ -57,24 +57,9 @@ def diffusevae_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform
     - ``quad``: ``int(s)`` for s in ``linspace(0, sqrt(0.8 T), N) ** 2`` (10 -> 0, 9, 39, ..., 800);
       repeated values (very large N) collapse, as the official set lookup does.
     """
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if spacing == "uniform":
-        for stride in range(1, num_timesteps + 1):
-            if len(range(0, num_timesteps, stride)) == steps:
-                return list(range(0, num_timesteps, stride))
-        reachable = sorted({len(range(0, num_timesteps, s)) for s in range(1, num_timesteps + 1)})
-        below = max((n for n in reachable if n < steps), default=None)
-        above = min((n for n in reachable if n > steps), default=None)
-        near = " or ".join(str(n) for n in (below, above) if n is not None)
-        raise ValueError(
-            f"cannot create exactly {steps} steps with an integer stride (DiffuseVAE's uniform spacing over "
-            f"{num_timesteps} timesteps); the nearest reachable counts are {near}, or use spacing='quad'")
-    if spacing == "quad":
-        if steps > num_timesteps:
-            raise ValueError(f"steps must be at most {num_timesteps}, got {steps}")
-        return sorted(set(space_timesteps(num_timesteps, steps, "quad")))
-    raise ValueError(f"unknown spacing {spacing!r}; DiffuseVAE has {', '.join(SPACINGS)}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; DiffuseVAE has {', '.join(SPACINGS)}")
+    return space_timesteps(num_timesteps, steps, spacing)
 
 
 @dataclass
