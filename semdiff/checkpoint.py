@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -176,3 +177,16 @@ def state_dict_of(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") 
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} has no tensors under 'state_dict'")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def group_blocks(shapes: Shapes, prefix: str) -> dict[int, dict[str, tuple[int, ...]]]:
+    """Group ``prefix<i>.<rest>`` keys by block index i: ``{i: {rest: shape}}`` (for architecture inference)."""
+    out: dict[int, dict[str, tuple[int, ...]]] = {}
+    for k, s in shapes.items():
+        m = re.match(re.escape(prefix) + r"(\d+)\.(.*)", k)
+        if m:
+            out.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(s)
+    return out

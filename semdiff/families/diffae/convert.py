@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from semdiff.checkpoint import CheckpointError, load_checkpoint, state_dict_of
+from semdiff.checkpoint import CheckpointError, Shapes, group_blocks, load_checkpoint, state_dict_of
 
 CELEBA_ATTRIBUTES = [
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
@@ -49,7 +49,6 @@ RELEASED_NETWORKS: dict[str, dict[str, Any]] = {
 }
 
 _UNET_PREFIXES = ("input_blocks.", "middle_block.", "output_blocks.", "out.", "time_embed.")
-Shapes = Mapping[str, tuple[int, ...]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,15 +90,6 @@ def rename_key(key: str) -> str | None:
 # Architecture inference
 
 
-def _blocks(shapes: Shapes, prefix: str) -> dict[int, dict[str, tuple[int, ...]]]:
-    out: dict[int, dict[str, tuple[int, ...]]] = {}
-    for k, s in shapes.items():
-        m = re.match(re.escape(prefix) + r"(\d+)\.(.*)", k)
-        if m:
-            out.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(s)
-    return out
-
-
 def _has_attention(block: dict[str, tuple[int, ...]]) -> bool:
     return any(k.endswith(".qkv.weight") for k in block)
 
@@ -115,7 +105,7 @@ def infer_network_config(shapes: Shapes, image_size: int | None = None) -> tuple
         z_dim = shapes["encoder.out.3.weight"][0]
     except KeyError as err:
         raise CheckpointError(f"not a Diff-AE autoencoder checkpoint: missing {err.args[0]!r}") from None
-    out_blocks = _blocks(shapes, "output_blocks.")
+    out_blocks = group_blocks(shapes, "output_blocks.")
     n_out = len(out_blocks)
     # The up-sampling ResBlock is the last module of the last block of every level but the first.
     ups = [i for i, b in sorted(out_blocks.items()) if any(re.match(r"[12]\.in_layers", k) for k in b)]
@@ -132,7 +122,7 @@ def infer_network_config(shapes: Shapes, image_size: int | None = None) -> tuple
         if _has_attention(out_blocks[first]):
             attention_levels.add(level)
 
-    enc_blocks = _blocks(shapes, "encoder.input_blocks.")
+    enc_blocks = group_blocks(shapes, "encoder.input_blocks.")
     enc_levels, enc_res, enc_mult, enc_attention = _infer_encoder(enc_blocks, model_channels, num_res_blocks)
 
     name = None
@@ -220,7 +210,7 @@ def _infer_encoder(blocks, model_channels, unet_res_blocks):
 
 def infer_latent_config(shapes: Shapes) -> dict[str, Any]:
     """Infer the ``LatentMLPConfig`` from prefix-stripped ``latent_net.*`` shapes."""
-    layers = _blocks(shapes, "latent_net.layers.")
+    layers = group_blocks(shapes, "latent_net.layers.")
     num_layers = len(layers)
     time_emb_channels = shapes["latent_net.time_embed.0.weight"][1]
     z_dim = shapes["latent_net.time_embed.0.weight"][0]

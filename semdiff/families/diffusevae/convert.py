@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
-from semdiff.checkpoint import CheckpointError, load_checkpoint, state_dict_of
+from semdiff.checkpoint import CheckpointError, Shapes, group_blocks, load_checkpoint, state_dict_of
 from semdiff.families.diffusevae.family import DEFAULT_SCHEDULE, DiffuseVAE, normalize_form
 from semdiff.families.diffusevae.networks import (
     VAE,
@@ -68,20 +68,10 @@ _RELEASED_UNET = dict(model_channels=128, num_res_blocks=2)
 _VAE_HPARAMS = ("enc_block_str", "enc_channel_str", "dec_block_str", "dec_channel_str")
 _UNET_PREFIX = "target_network.decoder."
 _ONLINE_PREFIX = "online_network.decoder."
-Shapes = Mapping[str, tuple[int, ...]]
 
 
 # ---------------------------------------------------------------------------------------------
 # Architecture inference
-
-
-def _blocks(shapes: Shapes, prefix: str) -> dict[int, dict[str, tuple[int, ...]]]:
-    out: dict[int, dict[str, tuple[int, ...]]] = {}
-    for k, s in shapes.items():
-        m = re.match(re.escape(prefix) + r"(\d+)\.(.*)", k)
-        if m:
-            out.setdefault(int(m.group(1)), {})[m.group(2)] = tuple(s)
-    return out
 
 
 def infer_unet_config(shapes: Shapes) -> dict[str, Any]:
@@ -101,7 +91,7 @@ def infer_unet_config(shapes: Shapes) -> dict[str, Any]:
                               "Form-1/Form-2 model trained on VAE reconstructions")
     if any(k.startswith("label_emb.") for k in shapes):
         raise CheckpointError("class-conditional UNets (label_emb) are not part of DiffuseVAE")
-    blocks = _blocks(shapes, "input_blocks.")
+    blocks = group_blocks(shapes, "input_blocks.")
     levels: list[list[dict[str, tuple[int, ...]]]] = [[]]
     for i in sorted(blocks)[1:]:
         b = blocks[i]
