@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -106,39 +106,6 @@ class UNetConfig(_Config):
 
 
 @dataclass
-class EncoderConfig(_Config):
-    """``RepresentationEncoder`` arguments (official defaults)."""
-
-    ch: int = 128
-    ch_mult: Sequence[int] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: Sequence[int] = ()
-    z_channels: int = 16
-    double_z: bool = False
-    dropout: float = 0.0
-    in_channels: int = 3
-    resolution: int = 64
-    act: str = "silu"
-    num_heads: int = 1
-    num_ch_per_head: int | None = None
-    embedding_type: str = "fourier"
-    fourier_scale: float = 16.0
-    resample_with_resblock: bool = True
-    resample_with_conv: bool = True
-    use_adaptive_group_norm: bool = False
-    scale_by_sqrt2: bool = False
-    num_classes: int | None = None
-    time_conditional: bool = False
-    fc_ch: int | None = None  # accepted and unused, as in the official code
-    conv_out_channels: int | None = None  # accepted and unused, as in the official code
-
-    def __post_init__(self):
-        self.ch_mult = _tuple(self.ch_mult)
-        self.attn_resolutions = _tuple(self.attn_resolutions)
-        _check_supported(self, "representation encoder")
-
-
-@dataclass
 class DecoderConfig(_Config):
     """``RepresentationDecoder`` arguments (official defaults)."""
 
@@ -162,10 +129,23 @@ class DecoderConfig(_Config):
     time_conditional: bool = False
     fc_ch: int | None = None  # accepted and unused, as in the official code
 
+    _what: ClassVar[str] = "representation decoder"
+
     def __post_init__(self):
         self.ch_mult = _tuple(self.ch_mult)
         self.attn_resolutions = _tuple(self.attn_resolutions)
-        _check_supported(self, "representation decoder")
+        _check_supported(self, self._what)
+
+
+@dataclass
+class EncoderConfig(DecoderConfig):
+    """``RepresentationEncoder`` arguments: the decoder's plus the input and posterior options."""
+
+    double_z: bool = False
+    in_channels: int = 3
+    conv_out_channels: int | None = None  # accepted and unused, as in the official code
+
+    _what: ClassVar[str] = "representation encoder"
 
 
 @dataclass
