@@ -179,6 +179,22 @@ def state_dict_of(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") 
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+def read_state_dict(path: str | os.PathLike, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Tensors of a torch/Lightning ``.ckpt`` (read safely, see ``load_checkpoint``) or a ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise CheckpointError(f"{what} not found: {path}")
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{what} {path} is corrupt or truncated: {err}") from None
+    return state_dict_of(load_checkpoint(path, expected=what), path)
+
+
 Shapes = Mapping[str, tuple[int, ...]]
 
 

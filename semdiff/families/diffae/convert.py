@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 
-from semdiff.checkpoint import CheckpointError, Shapes, group_blocks, load_checkpoint, state_dict_of
+from semdiff.checkpoint import CheckpointError, Shapes, group_blocks, read_state_dict
 
 CELEBA_ATTRIBUTES = [
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
@@ -267,10 +267,6 @@ def convert_state_dict(
     return config, state
 
 
-def _read(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    return state_dict_of(load_checkpoint(path, expected=what), path)
-
-
 def convert_diffae_checkpoint(
     checkpoint_path: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -287,13 +283,13 @@ def convert_diffae_checkpoint(
     from semdiff.families.diffae.family import DiffAE
     from semdiff.io import save_model_folder
 
-    top = _read(checkpoint_path, "Diff-AE checkpoint")
+    top = read_state_dict(checkpoint_path, "Diff-AE checkpoint")
     official = split_prefix(top)
     # conds_* and x_T (which reveals the image size) are buffers of the LightningModule itself:
     # top level, outside ema_model.
     official.update({k: v for k, v in top.items() if k in ("conds_mean", "conds_std", "x_T")})
     if latent is not None:
-        lat = _read(latent, "Diff-AE latent checkpoint")
+        lat = read_state_dict(latent, "Diff-AE latent checkpoint")
         latent_keys = {k: v for k, v in split_prefix(lat).items() if k.startswith("latent_net.")}
         if not latent_keys:
             raise CheckpointError(f"{latent} has no latent_net weights (is it an *_autoenc_latent checkpoint?)")
@@ -304,7 +300,7 @@ def convert_diffae_checkpoint(
             official[stat] = lat[stat]
     if any(k.startswith("latent_net.") for k in official) and "conds_mean" not in official:
         raise CheckpointError("the latent prior needs conds_mean/conds_std, which this checkpoint lacks")
-    cls_state = _read(classifier, "Diff-AE classifier checkpoint") if classifier is not None else None
+    cls_state = read_state_dict(classifier, "Diff-AE classifier checkpoint") if classifier is not None else None
     if cls_state is not None and "classifier.weight" in cls_state:
         z_dim = official["encoder.out.3.weight"].shape[0]
         if cls_state["classifier.weight"].shape[1] != z_dim:

@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
-from semdiff.checkpoint import CheckpointError, load_checkpoint, state_dict_of
+from semdiff.checkpoint import CheckpointError, read_state_dict
 from semdiff.families.lrdm.first_stage import convert_ldm_vq_state_dict, downsampling_factor, infer_vq_config, load_first_stage
 
 logger = logging.getLogger(__name__)
@@ -65,22 +65,6 @@ RELEASED_CONFIGS: dict[str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_tensors(path: str | os.PathLike, what: str = "LRDM checkpoint") -> dict[str, torch.Tensor]:
-    """Tensors of a Lightning ``.ckpt`` (read without executing pickled code) or a ``.safetensors`` file."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise CheckpointError(f"{what} not found: {path}")
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{what} {path} is corrupt or truncated: {err}") from None
-    return state_dict_of(load_checkpoint(path, expected=what), path)
 
 
 def split_official(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -495,7 +479,7 @@ def convert_lrdm_checkpoint(
     from semdiff.families.lrdm.family import LRDM
     from semdiff.io import save_model_folder
 
-    official = read_tensors(checkpoint_path)
+    official = read_state_dict(checkpoint_path)
     config_files = [Path(config)] if config is not None else find_config_files(checkpoint_path)
     official_config = read_official_config(config_files) if config_files else {}
     if config_files:

@@ -37,7 +37,7 @@ from typing import Any, Mapping
 
 import torch
 
-from semdiff.checkpoint import CheckpointError, load_checkpoint, state_dict_of
+from semdiff.checkpoint import CheckpointError, read_state_dict
 
 #: ``vq_ae_64x64x3`` of LRDM = CompVis vq-f4 (embed_dim 3, n_embed 8192, ch 128, ch_mult [1,2,4],
 #: 2 res blocks, no attention outside the middle blocks), as a diffusers ``VQModel`` config.
@@ -207,7 +207,7 @@ def load_first_stage(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     path = Path(path)
     if path.is_dir():
         return _load_diffusers_folder(path)
-    state = _read_tensors(path, "first-stage checkpoint")
+    state = read_state_dict(path, "first-stage checkpoint")
     for prefix in ("first_stage_model.", "ae_model.", ""):
         sub = split_ldm_vq(state, prefix)
         if any(k.startswith("encoder.down.") for k in sub):
@@ -217,20 +217,6 @@ def load_first_stage(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     if any(k.startswith("encoder.down_blocks.") for k in state):
         raise CheckpointError(f"{path} holds diffusers-format weights; pass the folder with its config.json instead")
     raise CheckpointError(f"{path} is not a VQ first-stage checkpoint (no encoder.down.* keys)")
-
-
-def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        if not path.is_file():
-            raise CheckpointError(f"{what} not found: {path}")
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{what} {path} is corrupt or truncated: {err}") from None
-    return state_dict_of(load_checkpoint(path, expected=what), path)
 
 
 def _load_diffusers_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -253,6 +239,6 @@ def _load_diffusers_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torc
             break
     if weights is None:
         raise CheckpointError(f"{folder} has no diffusion_pytorch_model.safetensors (or .bin)")
-    state = _read_tensors(weights, "diffusers VQModel weights")
+    state = read_state_dict(weights, "diffusers VQModel weights")
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     return config, state
