@@ -2,7 +2,10 @@
 
 - encode: ``encoder(x)`` -> raw z_sem.
 - encode_stochastic: DDIM inversion with x0 clipping, ``abar_N = 0`` ("ddimN" spacing).
-- decode: DDIM (eta = 0) with x0 clipping and eps re-derived.
+- decode: DDIM (eta = 0) with x0 clipping and eps re-derived; ``sampler="dpmsolver++"|"unipc"``
+  runs a faster solver on the same grid (``semdiff.sampling.solvers``).
+- encode_stochastic: ``inverter="fixed-point"`` inverts the DDIM decoder exactly on the decode grid,
+  ``"dpmsolver++"`` uses diffusers' DPM-Solver++ inverse; the default ``"ddim"`` is the official one.
 - sample_codes: latent DDIM (betas const 0.008, no clipping) in the normalised space, then
   ``z = z_n * std + mean``.
 """
@@ -16,12 +19,13 @@ import torch
 from semdiff.families.base import Family, FeatureNotSupported, register_family
 from semdiff.families.diffae.networks import AutoencUNet, DiffAEConfig, LatentMLP, LatentMLPConfig, SemanticEncoder
 from semdiff.sampling import DiffusionSchedule, ddim_invert, ddim_sample, space_timesteps
+from semdiff.sampling.solvers import check_inverter, check_sampler, invert_with_solver, sample_with_solver
 
 
 @register_family
 class DiffAE(Family):
     family_name = "diffae"
-    decode_options = frozenset({"eta"})
+    decode_options = frozenset({"eta", "sampler", "order"})
     default_steps = {"encode_stochastic": 250, "decode": 20, "manipulate": 100, "prior": 200}
 
     def __init__(self, config: dict[str, Any]):
@@ -63,18 +67,32 @@ class DiffAE(Family):
     def _eps_model(self, z: torch.Tensor):
         return lambda x, t: self.unet(x, t, z)
 
-    def encode_stochastic(self, x, z, *, steps, progress=False, **options):
+    def encode_stochastic(self, x, z, *, steps, progress=False, inverter: str = "ddim", iterations: int = 2,
+                          **options):
+        """x_T by inversion; ``inverter`` "ddim" (official), "fixed-point" (``iterations`` passes per
+        step, decode with sampler "ddim" and the same steps) or "dpmsolver++"."""
         if options:
-            raise FeatureNotSupported(f"Diff-AE's encode_stochastic takes no options {sorted(options)}")
+            raise FeatureNotSupported(f"Diff-AE's encode_stochastic has no options {sorted(options)}; "
+                                      "it takes: inverter, iterations")
+        check_inverter(inverter)
         timesteps = space_timesteps(self.num_timesteps, steps, "ddim")
-        return ddim_invert(self._eps_model(z), x, self.schedule, timesteps, clip_x0=True, progress=progress)
+        if inverter == "ddim":
+            return ddim_invert(self._eps_model(z), x, self.schedule, timesteps, clip_x0=True, progress=progress)
+        return invert_with_solver(inverter, self._eps_model(z), x, self.schedule, timesteps, clip_x0=True,
+                                  iterations=iterations, progress=progress)
 
-    def decode(self, z, x_T, *, steps, generator=None, progress=False, eta: float = 0.0, **options):
+    def decode(self, z, x_T, *, steps, generator=None, progress=False, eta: float = 0.0, sampler: str = "ddim",
+               order: int = 2, **options):
         if options:
-            raise FeatureNotSupported(f"Diff-AE's decode has no options {sorted(options)}; it takes: eta")
+            raise FeatureNotSupported(f"Diff-AE's decode has no options {sorted(options)}; "
+                                      f"it takes: {', '.join(sorted(self.decode_options))}")
+        check_sampler(sampler)
         timesteps = space_timesteps(self.num_timesteps, steps, "ddim")
-        return ddim_sample(self._eps_model(z), x_T, self.schedule, timesteps, clip_x0=True, eta=eta,
-                           generator=generator, progress=progress)
+        if sampler == "ddim":
+            return ddim_sample(self._eps_model(z), x_T, self.schedule, timesteps, clip_x0=True, eta=eta,
+                               generator=generator, progress=progress)
+        return sample_with_solver(sampler, self._eps_model(z), x_T, self.schedule, timesteps, clip_x0=True,
+                                  eta=eta, order=order, progress=progress)
 
     @property
     def has_prior(self) -> bool:

@@ -1,0 +1,651 @@
+"""semdiff speed benchmark: every fast mode next to the official arithmetic, in one run.
+
+    python benchmarks/run.py                       # tiny, ffhq128, ffhq256 on this machine
+    python benchmarks/run.py --quick --sizes tiny  # seconds; what the smoke test runs
+    python benchmarks/run.py --sizes ffhq128 --batch 1,8 --out benchmarks/results/cpu-ffhq128.json
+    python benchmarks/run.py --merge a.json b.json --out benchmarks/results/cpu.json   # one table from runs
+
+For each size (random weights; the released architectures) and batch it times the encoder pass and
+the denoiser pass in every mode, then ``encode_stochastic`` and ``decode`` at the default step
+counts through the public API. The *reference* mode does exactly the official arithmetic (legacy
+attention, float32, contiguous NCHW, no compile); every other row carries its speed-up over it.
+
+Method (see benchmarks/README.md):
+
+- Time: modes are interleaved round by round (the order rotates) after two warm-up calls each (the
+  first call of a shape creates oneDNN primitives); ``seconds`` is the best of the rounds, ``median``
+  beside it. The machine is shared, so the best round is the estimate of what the hardware does,
+  and ``x ref`` is the ratio of best times measured in the same rounds.
+- GFLOP: ``torch.utils.flop_counter.FlopCounterMode`` over one pass (convolutions and matrix
+  products; elementwise work is not counted). ``% peak``: GFLOP/s over the machine's best measured
+  matmul rate for the mode's dtype (benchmarks/matmul_peak.py), measured in the same run.
+- Peak memory (CPU): resident set size sampled every 0.5 ms by a thread during one call, minus the
+  RSS before it (after ``malloc_trim``), i.e. the extra memory the call needs beyond weights and
+  inputs. On CUDA: ``torch.cuda.max_memory_allocated`` minus the allocation before the call.
+- End to end: ``encode_stochastic`` (default 250 steps) and ``decode`` (20) through
+  ``SemanticAutoencoder``; for sizes beyond ``--e2e-full-max`` pixels they run a few steps and are
+  projected linearly to the default step count (the JSON says ``projected``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from matmul_peak import measure_peaks  # noqa: E402
+
+CL = torch.channels_last
+
+# ---------------------------------------------------------------------------------------------
+# Sizes
+
+
+def _diffae_sizes() -> dict[str, dict[str, Any]]:
+    from semdiff.families.diffae.convert import RELEASED_NETWORKS
+
+    released = {k.split(" ")[0]: v for k, v in RELEASED_NETWORKS.items()}
+    return {
+        # the parity-fixture architecture (tests/fixtures/diffae/parity_tiny.json)
+        "tiny": dict(image_size=32, model_channels=32, channel_mult=[1, 1, 2], num_res_blocks=1,
+                     attention_resolutions=[16], embed_channels=64, z_dim=64, enc_channel_mult=[1, 1, 2, 2],
+                     enc_num_res_blocks=1),
+        "celeba64": released["celeba64d2c_autoenc"],
+        "ffhq128": released["ffhq128_autoenc"],
+        "ffhq256": released["ffhq256_autoenc"],
+    }
+
+
+def shipped_model_dir() -> Path | None:
+    import semdiff
+
+    folder = Path(semdiff.__file__).parent / "pretrained" / "semdiff-emoji32-diffae"
+    return folder if (folder / "config.json").exists() else None
+
+
+def build_family(size: str):
+    """(family, label) with random weights of the named architecture, in eval mode."""
+    from semdiff.families.diffae import DiffAE
+
+    sizes = _diffae_sizes()
+    if size in sizes:
+        family = DiffAE(DiffAE.default_config(**sizes[size]))
+        label = f"diffae-{size}"
+    elif size == "emoji32":
+        folder = shipped_model_dir()
+        if folder is None:
+            raise SystemExit("emoji32: semdiff/pretrained/semdiff-emoji32-diffae is not there yet")
+        from semdiff.io import load_model_folder
+
+        family = load_model_folder(folder)
+        label = "diffae-emoji32 (shipped weights)"
+    else:
+        raise SystemExit(f"unknown size {size!r}; known: {', '.join(list(sizes) + ['emoji32'])}")
+    if size != "emoji32":
+        _randomise(family)
+    return family.eval(), label
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights with unit-scale activations (no zero layers: zeros can time faster)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.02 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    attention: str = "sdpa"
+    dtype: str = "float32"
+    channels_last: bool = False
+    compile: str | None = None  # torch.compile mode, e.g. "default" or "reduce-overhead" (CUDA graphs)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+REFERENCE = Mode("reference", attention="reference")
+
+
+def cpu_modes(bf16: bool, compile_: bool) -> list[Mode]:
+    modes = [REFERENCE, Mode("sdpa"), Mode("sdpa+cl", channels_last=True)]
+    if bf16:
+        modes += [Mode("bf16", dtype="bfloat16"), Mode("bf16+cl", dtype="bfloat16", channels_last=True)]
+    if compile_:
+        modes.append(Mode("sdpa+cl+compile", channels_last=True, compile="default"))
+        if bf16:
+            modes.append(Mode("bf16+cl+compile", dtype="bfloat16", channels_last=True, compile="default"))
+    return modes
+
+
+def gpu_modes(compile_: bool) -> list[Mode]:
+    modes = [REFERENCE, Mode("sdpa"), Mode("bf16", dtype="bfloat16"), Mode("fp16", dtype="float16"),
+             Mode("bf16+cl", dtype="bfloat16", channels_last=True)]
+    if compile_:
+        modes += [Mode("bf16+cl+compile", dtype="bfloat16", channels_last=True, compile="max-autotune-no-cudagraphs"),
+                  Mode("bf16+cl+compile+graphs", dtype="bfloat16", channels_last=True, compile="reduce-overhead")]
+    return modes
+
+
+@contextlib.contextmanager
+def mode_context(mode: Mode, device: torch.device):
+    """Attention backend + the API's compute context (inference mode, autocast for bf16/fp16)."""
+    from semdiff.nn.attention import get_attention_backend, set_attention_backend
+
+    previous = get_attention_backend()
+    set_attention_backend(mode.attention)
+    try:
+        with torch.inference_mode():
+            if mode.dtype != "float32":
+                with torch.autocast(device.type, dtype=mode.torch_dtype):
+                    yield
+            else:
+                yield
+    finally:
+        set_attention_backend(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> float:
+    """Extra memory (MB) one call needs: see the module docstring."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if not os.path.exists("/proc/self/statm"):
+        return float("nan")
+    _trim()
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return (peak[0] - before) / 2**20
+
+
+def count_gflop(fn: Callable[[], Any]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": str(device),
+    }
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        info["cpu_model"] = names[0] if names else platform.processor()
+        info["cpu_flags"] = sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile",
+                                                             "avx512_vnni", "avx512_fp16"))
+        mem = {line.split(":")[0]: line.split(":")[1].strip() for line in Path("/proc/meminfo").read_text().splitlines()}
+        info["memory_total_gb"] = round(int(mem["MemTotal"].split()[0]) / 2**20, 1)
+    except OSError:  # pragma: no cover - not Linux
+        info["cpu_model"] = platform.processor()
+    from semdiff.api import cpu_has_bf16
+
+    info["cpu_bf16"] = cpu_has_bf16()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    info["load_average_start"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return info
+
+
+def mem_available_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / 2**20
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover
+        pass
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark of one size
+
+
+class Variants:
+    """One copy of the family per memory format, and compiled networks per mode (built lazily)."""
+
+    def __init__(self, family, device: torch.device):
+        self.device = device
+        self.base = family.to(device)
+        self._cl = None
+        self._compiled: dict[str, Any] = {}
+
+    def family(self, mode: Mode):
+        if not mode.channels_last:
+            return self.base
+        if self._cl is None:
+            self._cl = copy.deepcopy(self.base).to(memory_format=CL)
+        return self._cl
+
+    def nets(self, mode: Mode):
+        fam = self.family(mode)
+        if mode.compile is None:
+            return fam.encoder, fam.unet
+        if mode.name not in self._compiled:
+            self._compiled[mode.name] = (torch.compile(fam.encoder, mode=mode.compile),
+                                         torch.compile(fam.unet, mode=mode.compile))
+        return self._compiled[mode.name]
+
+
+def pass_inputs(family, batch: int, device: torch.device, mode: Mode):
+    g = torch.Generator().manual_seed(batch)
+    size = family.image_size
+    x = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
+    xt = torch.randn(batch, 3, size, size, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    z = torch.randn(batch, family.code_dim, generator=g).to(device)
+    if mode.channels_last:
+        x, xt = x.contiguous(memory_format=CL), xt.contiguous(memory_format=CL)
+    return x, xt, t, z
+
+
+def bench_passes(variants: Variants, modes: list[Mode], batch: int, rounds: int, peaks: dict,
+                 log: Callable[[str], None]) -> list[dict]:
+    device = variants.device
+    fam = variants.base
+    calls: dict[tuple[str, str], Callable[[], Any]] = {}
+    for mode in modes:
+        encoder, unet = variants.nets(mode)
+        x, xt, t, z = pass_inputs(fam, batch, device, mode)
+        calls[(mode.name, "encoder pass")] = (lambda e=encoder, x=x: e(x))
+        calls[(mode.name, "denoiser pass")] = (lambda u=unet, xt=xt, t=t, z=z: u(xt, t, z))
+    # GFLOP per pass: counted once in the reference mode (the same arithmetic in every mode).
+    gflop = {}
+    for comp in ("encoder pass", "denoiser pass"):
+        with mode_context(REFERENCE, device):
+            gflop[comp] = count_gflop(calls[("reference", comp)])
+    # Warm-up: two calls per mode (oneDNN primitive creation, compilation).
+    compile_s = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        with mode_context(mode, device):
+            for comp in ("encoder pass", "denoiser pass"):
+                for _ in range(2):
+                    calls[(mode.name, comp)]()
+        _sync(device)
+        compile_s[mode.name] = time.perf_counter() - t0
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
+    for r in range(rounds):
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
+        for mode in order:
+            with mode_context(mode, device):
+                for comp in ("encoder pass", "denoiser pass"):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    calls[(mode.name, comp)]()
+                    _sync(device)
+                    times[(mode.name, comp)].append(time.perf_counter() - t0)
+        log(f"    round {r + 1}/{rounds}: " + ", ".join(
+            f"{m.name} {times[(m.name, 'denoiser pass')][-1]:.3f}s" for m in modes))
+    rows = []
+    for comp in ("encoder pass", "denoiser pass"):
+        ref = times[("reference", comp)]
+        for mode in modes:
+            ts = times[(mode.name, comp)]
+            with mode_context(mode, device):
+                mem = peak_memory(calls[(mode.name, comp)], device)
+            best = min(ts)
+            peak = peaks.get(mode.dtype, {}).get("peak_gflops")
+            rows.append({
+                "component": comp, "mode": asdict(mode), "mode_name": mode.name, "batch": batch,
+                "seconds": best, "seconds_median": statistics.median(ts), "rounds": len(ts),
+                "images_per_s": batch / best,
+                "gflop": gflop[comp], "gflops": gflop[comp] / best,
+                "pct_of_peak": 100 * gflop[comp] / best / peak if peak else None,
+                "speedup_vs_reference": min(ref) / best,
+                # per-round ratios (same round, so the same machine load) and their median
+                "speedup_vs_reference_median": statistics.median(a / b for a, b in zip(ref, ts)),
+                "peak_memory_mb": mem,
+                "warmup_seconds": compile_s[mode.name] if comp == "encoder pass" else None,
+            })
+    return rows
+
+
+def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int], run_steps: dict[str, int],
+                     log: Callable[[str], None]) -> list[dict]:
+    """encode_stochastic and decode through the public API, batch 1."""
+    from semdiff import SemanticAutoencoder
+
+    device = variants.device
+    rows = []
+    fam = variants.base
+    g = torch.Generator().manual_seed(1)
+    x01 = torch.rand(1, 3, fam.image_size, fam.image_size, generator=g)
+    for mode in modes:
+        if mode.compile is not None:
+            continue  # the API does not compile
+        family = variants.family(mode)
+        model = SemanticAutoencoder(family, device=device, dtype=None if mode.dtype == "float32" else mode.torch_dtype,
+                                    progress=False)
+        from semdiff.nn.attention import get_attention_backend, set_attention_backend
+
+        previous = get_attention_backend()
+        set_attention_backend(mode.attention)
+        try:
+            # warm-up: the first call of each shape creates the oneDNN primitives
+            z = model.encode(x01)
+            model.decode(z, model.encode_stochastic(x01, z, steps=2), steps=2)
+            t0 = time.perf_counter()
+            z = model.encode(x01)
+            _sync(device)
+            t_enc = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            x_T = model.encode_stochastic(x01, z, steps=run_steps["encode_stochastic"])
+            _sync(device)
+            t_inv = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            model.decode(z, x_T, steps=run_steps["decode"])
+            _sync(device)
+            t_dec = time.perf_counter() - t0
+        finally:
+            set_attention_backend(previous)
+        for what, t, n in (("encode_stochastic", t_inv, "encode_stochastic"), ("decode", t_dec, "decode")):
+            scale = steps[n] / run_steps[n]
+            rows.append({"component": f"{what} ({steps[n]} steps)", "mode_name": mode.name, "batch": 1,
+                         "seconds": t * scale, "measured_steps": run_steps[n], "default_steps": steps[n],
+                         "projected": run_steps[n] != steps[n], "passes": steps[n],
+                         "images_per_s": 1 / (t * scale)})
+        rows.append({"component": "encode (semantic)", "mode_name": mode.name, "batch": 1, "seconds": t_enc,
+                     "passes": 1, "projected": False, "images_per_s": 1 / t_enc})
+        log(f"    e2e {mode.name}: encode {t_enc:.3f}s, inversion {run_steps['encode_stochastic']} steps "
+            f"{t_inv:.2f}s, decode {run_steps['decode']} steps {t_dec:.2f}s")
+    ref = {r["component"]: r["seconds"] for r in rows if r["mode_name"] == "reference"}
+    for r in rows:
+        r["speedup_vs_reference"] = ref[r["component"]] / r["seconds"] if r["component"] in ref else None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    m = result["machine"]
+    lines.append(f"Machine: {m.get('cpu_model')} | {m.get('cpu_count')} cores ({m.get('torch_threads')} torch threads)"
+                 f" | {m.get('memory_total_gb')} GB | torch {m.get('torch')} | bf16 native: {m.get('cpu_bf16')}"
+                 + (f" | GPU {m['gpu']}" if m.get("gpu") else ""))
+    peaks = result["peaks"]
+    lines.append("Matmul peak (best of runs): " + "; ".join(
+        f"{k}: mm {v['mm_gflops']:.0f}, conv {v['conv_gflops']:.0f} GFLOP/s" for k, v in peaks.items()
+        if isinstance(v, dict)))
+    header = f"| {'size':<9} | {'batch':>5} | {'component':<14} | {'mode':<16} | {'s':>8} | {'img/s':>8} | " \
+             f"{'GFLOP':>7} | {'GFLOP/s':>7} | {'% peak':>6} | {'x ref':>6} | {'mem MB':>7} |"
+    lines += ["", header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
+    for row in result["passes"]:
+        pct = f"{row['pct_of_peak']:.0f}" if row.get("pct_of_peak") else "-"
+        lines.append(f"| {row['size']:<9} | {row['batch']:>5} | {row['component']:<14} | {row['mode_name']:<16} | "
+                     f"{row['seconds']:>8.4f} | {row['images_per_s']:>8.2f} | {row['gflop']:>7.3g} | "
+                     f"{row['gflops']:>7.0f} | {pct:>6} | {row['speedup_vs_reference']:>6.2f} | "
+                     f"{row['peak_memory_mb']:>7.0f} |")
+    if result.get("end_to_end"):
+        header = f"| {'size':<9} | {'component':<27} | {'mode':<16} | {'s':>9} | {'x ref':>6} | {'note':<22} |"
+        lines += ["", header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
+        for row in result["end_to_end"]:
+            note = f"projected from {row['measured_steps']} steps" if row.get("projected") else ""
+            sp = f"{row['speedup_vs_reference']:.2f}" if row.get("speedup_vs_reference") else "-"
+            lines.append(f"| {row['size']:<9} | {row['component']:<27} | {row['mode_name']:<16} | "
+                         f"{row['seconds']:>9.3f} | {sp:>6} | {note:<22} |")
+    if result.get("max_batch"):
+        lines.append("")
+        for size, info in result["max_batch"].items():
+            lines.append(f"{size}: denoiser-pass memory {info['mb_per_image']:.0f} MB/image -> largest batch that fits "
+                         f"in {info['available_mb'] / 1024:.1f} GB available: ~{info['estimate']}")
+    if result.get("throughput"):
+        lines.append("")
+        for row in result["throughput"]:
+            lines.append(f"folder throughput ({row['what']}, {row['mode_name']}, {row['images']} images): "
+                         f"{row['images_per_s']:.1f} images/s")
+    for note in result.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def merge(files: list[str]) -> dict:
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    out = parts[0]
+    for p in parts[1:]:
+        for key in ("passes", "end_to_end", "throughput", "notes"):
+            out.setdefault(key, []).extend(p.get(key, []))
+        out.setdefault("max_batch", {}).update(p.get("max_batch", {}))
+        for k, v in p.get("peaks", {}).items():  # keep the best measured ceiling
+            if isinstance(v, dict) and isinstance(out["peaks"].get(k), dict):
+                for kk in v:
+                    out["peaks"][k][kk] = max(out["peaks"][k][kk], v[kk])
+        out.setdefault("runs", []).append(p.get("machine", {}))
+    out["notes"] = list(dict.fromkeys(out.get("notes", [])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_folder_throughput(folder: str, device: torch.device, log) -> list[dict]:
+    """Images/s of ``semdiff.features`` over a folder (streamed with a DataLoader) for the shipped model."""
+    try:
+        import semdiff.features as features
+    except ImportError:
+        return []
+    fn = getattr(features, "extract_features", None) or getattr(features, "encode_folder", None)
+    model_dir = shipped_model_dir()
+    if fn is None or model_dir is None:
+        return []
+    from semdiff import SemanticAutoencoder
+
+    model = SemanticAutoencoder.from_pretrained(model_dir, device=device, progress=False)
+    n = sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    t0 = time.perf_counter()
+    fn(model, folder)
+    dt = time.perf_counter() - t0
+    log(f"  folder {folder}: {n} images in {dt:.1f}s")
+    return [{"what": fn.__name__, "mode_name": "sdpa", "images": n, "seconds": dt, "images_per_s": n / dt}]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="tiny,ffhq128,ffhq256",
+                   help="comma list of tiny, celeba64, ffhq128, ffhq256, emoji32 (the shipped model)")
+    p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1 and a large one per size)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds per mode (default 5, --quick 2)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds, batch 1 only, short end-to-end runs")
+    p.add_argument("--modes", default=None, help="comma list of mode names to keep (reference is always kept)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile modes (slow to compile on a CPU)")
+    p.add_argument("--no-e2e", action="store_true", help="skip encode_stochastic/decode through the API")
+    p.add_argument("--e2e-full-max", type=int, default=32,
+                   help="image sizes up to this run encode_stochastic/decode at the full default step counts")
+    p.add_argument("--folder", default=None, help="also time feature extraction over this image folder")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", default=None, help="write the JSON here")
+    p.add_argument("--merge", nargs="+", default=None, help="merge result JSON files into --out and print the table")
+    args = p.parse_args(argv)
+
+    if args.merge:
+        result = merge(args.merge)
+        print(format_table(result))
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+
+    os.environ.setdefault("SEMDIFF_PROGRESS", "0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    from semdiff.api import cpu_has_bf16
+
+    rounds = args.rounds or (2 if args.quick else 5)
+    notes: list[str] = []
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        modes = gpu_modes(args.compile)
+        dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    else:
+        bf16 = cpu_has_bf16()
+        if not bf16:
+            notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 modes skipped")
+        modes = cpu_modes(bf16, args.compile)
+        if not args.compile:
+            notes.append("torch.compile modes skipped on the CPU (pass --compile to add them)")
+        dtypes = [torch.float32] + ([torch.bfloat16] if bf16 else [])
+    if args.modes:
+        keep = set(args.modes.split(","))
+        modes = [m for m in modes if m.name in keep or m.name == "reference"]
+
+    result: dict[str, Any] = {"machine": machine_info(device), "args": vars(args), "passes": [], "end_to_end": [],
+                              "max_batch": {}, "notes": notes}
+    log("measuring matmul peaks ...")
+    peaks = measure_peaks(device, dtypes, n=1024 if args.quick else 2048, reps=3 if args.quick else 5)
+    result["peaks"] = peaks
+
+    default_batches = {"tiny": [1, 64], "emoji32": [1, 64], "celeba64": [1, 16], "ffhq128": [1, 8], "ffhq256": [1, 4]}
+    for size in [s for s in args.sizes.split(",") if s]:
+        family, label = build_family(size)
+        variants = Variants(family, device)
+        batches = [int(b) for b in args.batch.split(",")] if args.batch else (
+            [1] if args.quick else default_batches.get(size, [1]))
+        mem_rows = {}
+        for batch in batches:
+            log(f"{label}: batch {batch}, modes {', '.join(m.name for m in modes)}")
+            try:
+                rows = bench_passes(variants, modes, batch, rounds, peaks, log)
+            except RuntimeError as e:  # out of memory and the like: say so and go on
+                notes.append(f"{size} batch {batch}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            for r in rows:
+                r["size"] = size
+                r["model"] = label
+            result["passes"].extend(rows)
+            mem_rows[batch] = next(r["peak_memory_mb"] for r in rows
+                                   if r["component"] == "denoiser pass" and r["mode_name"] == "sdpa")
+        if len(mem_rows) >= 2:
+            (b0, m0), (b1, m1) = sorted(mem_rows.items())[0], sorted(mem_rows.items())[-1]
+            per_image = max((m1 - m0) / (b1 - b0), 1e-3)
+            avail = mem_available_mb(device)
+            result["max_batch"][size] = {"mb_per_image": per_image, "available_mb": avail,
+                                         "estimate": int(max(1, (0.8 * avail - m0) // per_image + 1)),
+                                         "method": "linear fit of denoiser-pass peak memory (sdpa mode) "
+                                                   f"between batch {b0} and {b1}; 80% of MemAvailable"}
+        # Peaks again after the size: the best of both measurements is kept (load changes).
+        again = measure_peaks(device, dtypes, n=1024 if args.quick else 2048, reps=3)
+        for k, v in again.items():
+            if isinstance(v, dict):
+                for kk in v:
+                    peaks[k][kk] = max(peaks[k][kk], v[kk])
+        if not args.no_e2e:
+            steps = {"encode_stochastic": family.default_steps["encode_stochastic"],
+                     "decode": family.default_steps["decode"]}
+            full = family.image_size <= args.e2e_full_max and not args.quick
+            run_steps = steps if full else {"encode_stochastic": 2 if args.quick else 10,
+                                            "decode": 2 if args.quick else 5}
+            e2e_modes = [m for m in modes if m.compile is None]
+            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log)
+            for r in rows:
+                r["size"] = size
+                r["model"] = label
+            result["end_to_end"].extend(rows)
+    # The % of peak used the start-of-run peaks; recompute against the best ceiling measured in the run.
+    for row in result["passes"]:
+        peak = peaks.get(row["mode"]["dtype"], {}).get("peak_gflops")
+        row["pct_of_peak"] = 100 * row["gflops"] / peak if peak else None
+    if args.folder:
+        result["throughput"] = bench_folder_throughput(args.folder, device, log)
+    result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(format_table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
