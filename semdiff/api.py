@@ -257,12 +257,14 @@ class SemanticAutoencoder:
                 f"{self.family_name} decode has no option(s) {sorted(unknown)}; "
                 f"it takes: {sorted(self.family.decode_options) or 'none'}"
             )
-        x_T = self._random_stochastic(len(z), generator) if x_T is None else self._stochastic(x_T, len(z))
+        noise = self._random_stochastic(len(z), generator) if x_T is None else None
+        x_T = None if x_T is None else self._stochastic(x_T, len(z))
         steps = self._steps("decode", steps)
         out = []
         with self._compute():
             for sl in self._batches(len(z), self._progress(progress), "decode"):
-                x = self.family.decode(z[sl], x_T[sl], steps=steps, generator=generator,
+                start = x_T[sl] if noise is None else self.family.start_state(z[sl], noise[sl], **options)
+                x = self.family.decode(z[sl], start, steps=steps, generator=generator,
                                        progress=self._progress(progress), **options)
                 out.append(x.float())
         return to_output((torch.cat(out) + 1) / 2, output_type)
@@ -315,11 +317,12 @@ class SemanticAutoencoder:
                                       "use decode() with codes from encode()")
         if n < 1:
             raise ValueError("n must be at least 1")
-        # x_T is drawn before the prior's noise: the official RNG order.
-        x_T = self._random_stochastic(n, generator)
+        # x_T's noise is drawn before the prior's: the official RNG order.
+        noise = self._random_stochastic(n, generator)
         with self._compute():
             z = self.family.sample_codes(n, steps=self._steps("prior", prior_steps), generator=generator,
                                          progress=self._progress(progress), **prior_options).float()
+            x_T = self.family.start_state(z, noise)
         images = self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress)
         return (images, z, x_T) if return_codes else images
 

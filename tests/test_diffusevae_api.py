@@ -15,7 +15,7 @@ from diffusevae_helpers import single_thread  # noqa: F401  (autouse)
 from diffusevae_helpers import convert_fixture, fixture_json, load_fixture
 from semdiff import SemanticAutoencoder
 from semdiff.families.base import FeatureNotSupported
-from semdiff.families.diffusevae import DiffuseVAE, DrawnNoise
+from semdiff.families.diffusevae import DiffuseVAE
 from semdiff.families.diffusevae.prior import fit_gmm, sample_gmm
 from semdiff.io import load_model_folder, save_model_folder
 
@@ -91,7 +91,7 @@ def test_decode_without_x_T_starts_where_the_official_code_does(folders, form):
     cond = m.family.vae_reconstruction(z)
     x_T = 0.5 * noise + (cond if form == "form2" else 0)
     assert torch.equal(drawn, m.decode(z, x_T, steps=2))
-    assert isinstance(m.family.random_stochastic(1), DrawnNoise)
+    torch.testing.assert_close(m.family.start_state(z, noise, temperature=0.5), x_T, atol=1e-6, rtol=0)
 
 
 def test_ancestral_sampler_draws_from_the_generator(folders):

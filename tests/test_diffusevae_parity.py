@@ -150,7 +150,7 @@ def _run_starts(name: str, run: dict, m: DiffuseVAE) -> torch.Tensor:
         x0 = d["in.x01"] * 2 - 1
         t = torch.full((2,), 999)
         return m.q_sample(x0, t, d["in.xT_noise"], d["out.vae.z"].flatten(1) if run["form"] == 2 else None)
-    return m.start_state(d["in.xT_noise"], cond, run["temp"])
+    return m.start_state(d["out.vae.z"].flatten(1), d["in.xT_noise"], temperature=run["temp"], cond=cond)
 
 
 @pytest.mark.parametrize("name", list(J["runs"]))

@@ -123,8 +123,13 @@ class Family(nn.Module):
         raise FeatureNotSupported(f"this {self.family_name} model has no representation prior to sample codes from")
 
     def random_stochastic(self, n: int, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
-        """x_T ~ N(0, I) for n items."""
+        """N(0, I) noise of the stochastic code's shape for n items."""
         return torch.randn((n, *self.stochastic_shape()), generator=generator, device=device, dtype=dtype)
+
+    def start_state(self, z: torch.Tensor, noise: torch.Tensor, /, **options) -> torch.Tensor:
+        """The chain's starting state x_T for N(0, I) ``noise`` that the API drew because no x_T was
+        given (``options`` are decode's). It is the noise itself unless a family says otherwise."""
+        return noise
 
     def interpolate_codes(self, a: torch.Tensor, b: torch.Tensor, alpha: torch.Tensor,
                           mode: str | None = None) -> torch.Tensor:

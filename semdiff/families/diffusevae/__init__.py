@@ -1,6 +1,6 @@
 """DiffuseVAE (Pandey et al., TMLR 2022): a VAE's 1x1 latent z and blurry x̂, refined by a DDPM conditioned on x̂."""
 
-from semdiff.families.diffusevae.family import DiffuseVAE, DrawnNoise
+from semdiff.families.diffusevae.family import DiffuseVAE
 from semdiff.families.diffusevae.networks import (
     VAE,
     ArchitectureStringError,
@@ -16,7 +16,6 @@ __all__ = [
     "ArchitectureStringError",
     "ConditionalUNet",
     "DiffuseVAE",
-    "DrawnNoise",
     "UNetConfig",
     "VAEConfig",
     "parse_block_string",

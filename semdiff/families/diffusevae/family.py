@@ -9,10 +9,10 @@
 - sample_codes: z ~ N(0, I), or from the Gaussian mixture ``semdiff fit-prior`` stored (Ex-PDE).
 
 The stochastic code x_T is the chain's *actual starting state*: in Form-2 it contains x̂, exactly
-as ``encode_stochastic`` returns it. When the API draws x_T itself (``decode(z)`` without x_T,
-``sample``), ``random_stochastic`` marks the N(0, I) draw and ``decode`` turns it into the official
-start ``temperature * noise`` (Form-1) or ``x̂ + temperature * noise`` (Form-2). A given x_T is
-used as it is, so ``temperature`` only acts on drawn noise.
+as ``encode_stochastic`` returns it. When the API draws the noise itself (``decode(z)`` without x_T,
+``sample``), ``start_state`` turns it into the official start ``temperature * noise`` (Form-1) or
+``x̂ + temperature * noise`` (Form-2). A given x_T is used as it is, so ``temperature`` only acts
+on drawn noise.
 """
 
 from __future__ import annotations
@@ -41,14 +41,6 @@ from semdiff.sampling import DiffusionSchedule
 FORMS = ("form1", "form2")
 DEFAULT_SCHEDULE = {"beta_1": 1e-4, "beta_2": 0.02, "num_timesteps": 1000}
 PRIORS = ("normal", "gmm")
-
-
-class DrawnNoise(torch.Tensor):
-    """N(0, I) that the API drew for a missing x_T; ``decode`` maps it to the official start state.
-
-    A tensor subclass survives the API's slicing and device moves, so the family can tell drawn
-    noise (to be scaled by the temperature and, in Form-2, shifted by x̂) from a given x_T.
-    """
 
 
 def normalize_form(form: Any) -> str:
@@ -175,10 +167,6 @@ class DiffuseVAE(Family):
         return w
 
     # ---- the DDPM --------------------------------------------------------------------------------
-    def random_stochastic(self, n: int, generator: torch.Generator | None = None, device=None, dtype=None) -> torch.Tensor:
-        """N(0, I) marked as drawn noise (see the module docstring)."""
-        return super().random_stochastic(n, generator=generator, device=device, dtype=dtype).as_subclass(DrawnNoise)
-
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """The forward process ``q(x_t | x0[, x̂])`` at original timesteps t; Form-2 needs z (for x̂)."""
         if self.form == "form2":
@@ -187,10 +175,13 @@ class DiffuseVAE(Family):
             return q_sample(self.schedule, x0, t, noise, self.vae_reconstruction(z))
         return q_sample(self.schedule, x0, t, noise)
 
-    def start_state(self, noise: torch.Tensor, cond: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """The official x_T from N(0, I) noise: ``temperature * noise`` (+ x̂ in Form-2)."""
-        x_T = noise * temperature
-        return cond + x_T if self.form == "form2" else x_T
+    def start_state(self, z: torch.Tensor, noise: torch.Tensor, /, *, temperature: float = 1.0,
+                    cond: torch.Tensor | None = None, **options) -> torch.Tensor:
+        """The official x_T from N(0, I) noise: ``temperature * noise`` (+ x̂ = VAE(z) in Form-2)."""
+        x_T = noise * float(temperature)
+        if self.form != "form2":
+            return x_T
+        return (self.vae_reconstruction(z) if cond is None else cond) + x_T
 
     def decode(
         self,
@@ -242,8 +233,6 @@ class DiffuseVAE(Family):
         if ddpm_noise is not None:
             ddpm_noise = self._check_ddpm_noise(ddpm_noise, steps, len(tables), x_T)
         cond = self.vae_reconstruction(z)
-        if isinstance(x_T, DrawnNoise):
-            x_T = self.start_state(x_T.as_subclass(torch.Tensor), cond, temperature)
         shift = cond if self.form == "form2" else None
         eps_fn = self._eps_fn(z, cond, w, shift)
         return sample_chain(eps_fn, x_T, tables, method=sampler, shift=shift, variance=variance or "fixedlarge",
