@@ -126,6 +126,7 @@ class Mode:
     dtype: str = "float32"
     channels_last: bool = False
     compile: str | None = None  # torch.compile mode, e.g. "default" or "reduce-overhead" (CUDA graphs)
+    weights: str = "float32"  # "bfloat16": experimental bf16 copy of the weights, no autocast (see below)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -135,10 +136,12 @@ class Mode:
 REFERENCE = Mode("reference", attention="reference")
 
 
-def cpu_modes(bf16: bool, compile_: bool) -> list[Mode]:
+def cpu_modes(bf16: bool, compile_: bool, experimental: bool = False) -> list[Mode]:
     modes = [REFERENCE, Mode("sdpa"), Mode("sdpa+cl", channels_last=True)]
     if bf16:
         modes += [Mode("bf16", dtype="bfloat16"), Mode("bf16+cl", dtype="bfloat16", channels_last=True)]
+    if bf16 and experimental:
+        modes.append(Mode("bf16w+cl (proposal)", dtype="bfloat16", channels_last=True, weights="bfloat16"))
     if compile_:
         modes.append(Mode("sdpa+cl+compile", channels_last=True, compile="default"))
         if bf16:
@@ -164,7 +167,7 @@ def mode_context(mode: Mode, device: torch.device):
     set_attention_backend(mode.attention)
     try:
         with torch.inference_mode():
-            if mode.dtype != "float32":
+            if mode.dtype != "float32" and mode.weights == "float32":
                 with torch.autocast(device.type, dtype=mode.torch_dtype):
                     yield
             else:
@@ -295,9 +298,16 @@ class Variants:
         self.device = device
         self.base = family.to(device)
         self._cl = None
+        self._low = None
         self._compiled: dict[str, Any] = {}
 
     def family(self, mode: Mode):
+        if mode.weights != "float32":
+            if self._low is None:
+                self._low = bf16_weight_copy(self.base)
+                if mode.channels_last:
+                    self._low.to(memory_format=CL)
+            return self._low
         if not mode.channels_last:
             return self.base
         if self._cl is None:
@@ -314,6 +324,31 @@ class Variants:
         return self._compiled[mode.name]
 
 
+def bf16_weight_copy(family):
+    """EXPERIMENTAL (not in the library): a bf16 copy of the weights, run without autocast.
+
+    Autocast casts every weight to bf16 on every pass, and GroupNorm32 casts activations to fp32
+    and back; here the convolution/linear weights are bf16 once, GroupNorm keeps fp32 affine
+    parameters and normalises the bf16 input directly (PyTorch's CPU kernel accumulates in fp32 for
+    bf16 input with fp32 parameters), and the sinusoidal time embedding is cast to bf16.
+    """
+    import torch.nn.functional as F
+
+    from semdiff.nn.layers import GroupNorm32
+
+    low = copy.deepcopy(family).to(torch.bfloat16)
+    for m in low.modules():
+        if isinstance(m, GroupNorm32):
+            m.float()
+            m.forward = (lambda self: (lambda x: F.group_norm(x, self.num_groups, self.weight, self.bias,
+                                                                self.eps)))(m)
+        if isinstance(m, torch.nn.LayerNorm):
+            m.float()
+    first = low.unet.time_embed.time_embed[0]
+    first.register_forward_pre_hook(lambda mod, args: (args[0].to(torch.bfloat16),))
+    return low
+
+
 def pass_inputs(family, batch: int, device: torch.device, mode: Mode):
     g = torch.Generator().manual_seed(batch)
     size = family.image_size
@@ -321,6 +356,8 @@ def pass_inputs(family, batch: int, device: torch.device, mode: Mode):
     xt = torch.randn(batch, 3, size, size, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     z = torch.randn(batch, family.code_dim, generator=g).to(device)
+    if mode.weights != "float32":
+        x, xt, z = x.to(mode.torch_dtype), xt.to(mode.torch_dtype), z.to(mode.torch_dtype)
     if mode.channels_last:
         x, xt = x.contiguous(memory_format=CL), xt.contiguous(memory_format=CL)
     return x, xt, t, z
@@ -379,6 +416,7 @@ def bench_passes(variants: Variants, modes: list[Mode], batch: int, rounds: int,
                 "images_per_s": batch / best,
                 "gflop": gflop[comp], "gflops": gflop[comp] / best,
                 "pct_of_peak": 100 * gflop[comp] / best / peak if peak else None,
+                "pct_of_mm_peak": None,
                 "speedup_vs_reference": min(ref) / best,
                 # per-round ratios (same round, so the same machine load) and their median
                 "speedup_vs_reference_median": statistics.median(a / b for a, b in zip(ref, ts)),
@@ -388,9 +426,28 @@ def bench_passes(variants: Variants, modes: list[Mode], batch: int, rounds: int,
     return rows
 
 
+def parse_recipe(text: str) -> dict[str, Any]:
+    """``inverter:steps[:iterations]:sampler:steps``, e.g. ``fixed-point:10:2:ddim:10``."""
+    parts = text.split(":")
+    if len(parts) == 4:
+        parts.insert(2, "1")
+    if len(parts) != 5:
+        raise SystemExit(f"--fast-recipe must be inverter:steps[:iterations]:sampler:steps, got {text!r}")
+    return {"inverter": parts[0], "inv_steps": int(parts[1]), "iterations": int(parts[2]), "sampler": parts[3],
+            "dec_steps": int(parts[4])}
+
+
+def recipe_label(r: dict[str, Any]) -> str:
+    it = f"x{r['iterations']} " if r["inverter"] == "fixed-point" else ""
+    return f"{r['inverter']} {it}{r['inv_steps']} + {r['sampler']} {r['dec_steps']}"
+
+
 def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int], run_steps: dict[str, int],
-                     log: Callable[[str], None]) -> list[dict]:
-    """encode_stochastic and decode through the public API, batch 1."""
+                     log: Callable[[str], None], recipe: dict[str, Any] | None = None) -> list[dict]:
+    """encode_stochastic and decode through the public API, batch 1; then whole reconstructions
+    (encoder + inversion + decode): the official recipe and ``recipe``, measured when the run uses
+    the full step counts, otherwise projected from the measured seconds per step."""
+    from semdiff.sampling.solvers import passes as count_passes
     from semdiff import SemanticAutoencoder
 
     device = variants.device
@@ -399,8 +456,8 @@ def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int
     g = torch.Generator().manual_seed(1)
     x01 = torch.rand(1, 3, fam.image_size, fam.image_size, generator=g)
     for mode in modes:
-        if mode.compile is not None:
-            continue  # the API does not compile
+        if mode.compile is not None or mode.weights != "float32":
+            continue  # the API does not compile, nor keep bf16 weights
         family = variants.family(mode)
         model = SemanticAutoencoder(family, device=device, dtype=None if mode.dtype == "float32" else mode.torch_dtype,
                                     progress=False)
@@ -412,10 +469,12 @@ def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int
             # warm-up: the first call of each shape creates the oneDNN primitives
             z = model.encode(x01)
             model.decode(z, model.encode_stochastic(x01, z, steps=2), steps=2)
-            t0 = time.perf_counter()
-            z = model.encode(x01)
-            _sync(device)
-            t_enc = time.perf_counter() - t0
+            t_enc = float("inf")
+            for _ in range(3):  # one pass: the best of three
+                t0 = time.perf_counter()
+                z = model.encode(x01)
+                _sync(device)
+                t_enc = min(t_enc, time.perf_counter() - t0)
             t0 = time.perf_counter()
             x_T = model.encode_stochastic(x01, z, steps=run_steps["encode_stochastic"])
             _sync(device)
@@ -434,11 +493,44 @@ def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int
                          "images_per_s": 1 / (t * scale)})
         rows.append({"component": "encode (semantic)", "mode_name": mode.name, "batch": 1, "seconds": t_enc,
                      "passes": 1, "projected": False, "images_per_s": 1 / t_enc})
+        full = run_steps == steps
+        inv_step = t_inv / run_steps["encode_stochastic"]
+        dec_step = t_dec / run_steps["decode"]
+        official = t_enc + inv_step * steps["encode_stochastic"] + dec_step * steps["decode"]
+        rows.append({"component": f"reconstruct: official ddim {steps['encode_stochastic']} + ddim {steps['decode']}",
+                     "mode_name": mode.name, "batch": 1, "seconds": official, "projected": not full,
+                     "passes": 1 + steps["encode_stochastic"] + steps["decode"], "images_per_s": 1 / official,
+                     "measured_steps": "sum of the rows above", "default_steps": None})
+        if recipe is not None:
+            n_inv = count_passes("invert", recipe["inverter"], recipe["inv_steps"], iterations=recipe["iterations"])
+            if full:
+                set_attention_backend(mode.attention)
+                try:
+                    t0 = time.perf_counter()
+                    z = model.encode(x01)
+                    opts = {"iterations": recipe["iterations"]} if recipe["inverter"] == "fixed-point" else {}
+                    x_T = model.encode_stochastic(x01, z, steps=recipe["inv_steps"], inverter=recipe["inverter"],
+                                                  **opts)
+                    model.decode(z, x_T, steps=recipe["dec_steps"], sampler=recipe["sampler"])
+                    _sync(device)
+                    fast = time.perf_counter() - t0
+                finally:
+                    set_attention_backend(previous)
+            else:
+                fast = t_enc + inv_step * n_inv + dec_step * recipe["dec_steps"]
+            rows.append({"component": f"reconstruct: {recipe_label(recipe)}", "mode_name": mode.name, "batch": 1,
+                         "seconds": fast, "projected": not full, "passes": 1 + n_inv + recipe["dec_steps"],
+                         "images_per_s": 1 / fast, "measured_steps": "projected from seconds per step" if not full
+                         else None, "default_steps": None})
         log(f"    e2e {mode.name}: encode {t_enc:.3f}s, inversion {run_steps['encode_stochastic']} steps "
             f"{t_inv:.2f}s, decode {run_steps['decode']} steps {t_dec:.2f}s")
     ref = {r["component"]: r["seconds"] for r in rows if r["mode_name"] == "reference"}
+    official_ref = next((r["seconds"] for r in rows if r["mode_name"] == "reference"
+                         and r["component"].startswith("reconstruct: official")), None)
     for r in rows:
         r["speedup_vs_reference"] = ref[r["component"]] / r["seconds"] if r["component"] in ref else None
+        if r["component"].startswith("reconstruct") and official_ref:
+            r["speedup_vs_official_reference"] = official_ref / r["seconds"]
     return rows
 
 
@@ -457,22 +549,25 @@ def format_table(result: dict) -> str:
         f"{k}: mm {v['mm_gflops']:.0f}, conv {v['conv_gflops']:.0f} GFLOP/s" for k, v in peaks.items()
         if isinstance(v, dict)))
     header = f"| {'size':<9} | {'batch':>5} | {'component':<14} | {'mode':<16} | {'s':>8} | {'img/s':>8} | " \
-             f"{'GFLOP':>7} | {'GFLOP/s':>7} | {'% peak':>6} | {'x ref':>6} | {'mem MB':>7} |"
+             f"{'GFLOP':>7} | {'GFLOP/s':>7} | {'% peak':>6} | {'% mm':>5} | {'x ref':>6} | {'mem MB':>7} |"
     lines += ["", header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for row in result["passes"]:
         pct = f"{row['pct_of_peak']:.0f}" if row.get("pct_of_peak") else "-"
+        pmm = f"{row['pct_of_mm_peak']:.0f}" if row.get("pct_of_mm_peak") else "-"
         lines.append(f"| {row['size']:<9} | {row['batch']:>5} | {row['component']:<14} | {row['mode_name']:<16} | "
                      f"{row['seconds']:>8.4f} | {row['images_per_s']:>8.2f} | {row['gflop']:>7.3g} | "
-                     f"{row['gflops']:>7.0f} | {pct:>6} | {row['speedup_vs_reference']:>6.2f} | "
+                     f"{row['gflops']:>7.0f} | {pct:>6} | {pmm:>5} | {row['speedup_vs_reference']:>6.2f} | "
                      f"{row['peak_memory_mb']:>7.0f} |")
     if result.get("end_to_end"):
-        header = f"| {'size':<9} | {'component':<27} | {'mode':<16} | {'s':>9} | {'x ref':>6} | {'note':<22} |"
+        header = (f"| {'size':<9} | {'component':<42} | {'mode':<9} | {'passes':>6} | {'s':>9} | {'x ref':>6} | "
+                  f"{'x official':>10} | {'note':<12} |")
         lines += ["", header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
         for row in result["end_to_end"]:
-            note = f"projected from {row['measured_steps']} steps" if row.get("projected") else ""
+            note = "projected" if row.get("projected") else "measured"
             sp = f"{row['speedup_vs_reference']:.2f}" if row.get("speedup_vs_reference") else "-"
-            lines.append(f"| {row['size']:<9} | {row['component']:<27} | {row['mode_name']:<16} | "
-                         f"{row['seconds']:>9.3f} | {sp:>6} | {note:<22} |")
+            so = f"{row['speedup_vs_official_reference']:.2f}" if row.get("speedup_vs_official_reference") else ""
+            lines.append(f"| {row['size']:<9} | {row['component']:<42} | {row['mode_name']:<9} | "
+                         f"{row.get('passes', ''):>6} | {row['seconds']:>9.3f} | {sp:>6} | {so:>10} | {note:<12} |")
     if result.get("max_batch"):
         lines.append("")
         for size, info in result["max_batch"].items():
@@ -507,25 +602,70 @@ def merge(files: list[str]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_folder_throughput(folder: str, device: torch.device, log) -> list[dict]:
-    """Images/s of ``semdiff.features`` over a folder (streamed with a DataLoader) for the shipped model."""
+def _emoji_folder(n: int, size: int) -> Path:
+    """Write ``n`` emoji images (cycled if the set is smaller) as PNG files into a temporary folder."""
+    import tempfile
+
+    from PIL import Image
+
+    from semdiff.data import load_emoji
+
+    images = load_emoji(size).images
+    if images.dtype != torch.uint8:
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    folder = Path(tempfile.mkdtemp(prefix="semdiff-bench-folder-"))
+    for i in range(n):
+        Image.fromarray(images[i % len(images)].permute(1, 2, 0).numpy()).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def bench_folder_throughput(spec: str, device: torch.device, modes: list[Mode], log) -> list[dict]:
+    """Images/s of ``semdiff.features.extract_features`` (DataLoader streaming, automatic batch size)
+    over a folder, with the shipped model. ``spec``: a folder, or ``emoji:N`` for N rendered emoji."""
     try:
-        import semdiff.features as features
+        from semdiff.features import extract_features
     except ImportError:
+        log("  semdiff.features is not there: folder throughput skipped")
         return []
-    fn = getattr(features, "extract_features", None) or getattr(features, "encode_folder", None)
     model_dir = shipped_model_dir()
-    if fn is None or model_dir is None:
+    if model_dir is None:
+        log("  no shipped model: folder throughput skipped")
         return []
+    import shutil
+    import tempfile
+
     from semdiff import SemanticAutoencoder
 
-    model = SemanticAutoencoder.from_pretrained(model_dir, device=device, progress=False)
-    n = sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
-    t0 = time.perf_counter()
-    fn(model, folder)
-    dt = time.perf_counter() - t0
-    log(f"  folder {folder}: {n} images in {dt:.1f}s")
-    return [{"what": fn.__name__, "mode_name": "sdpa", "images": n, "seconds": dt, "images_per_s": n / dt}]
+    rows = []
+    made = None
+    if spec.startswith("emoji:"):
+        made = folder = _emoji_folder(int(spec.split(":")[1]), 32)
+    else:
+        folder = Path(spec)
+    n = sum(1 for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    try:
+        for mode in [m for m in modes if m.name in ("reference", "sdpa", "bf16", "bf16+cl") and m.compile is None]:
+            model = SemanticAutoencoder.from_pretrained(model_dir, device=device, progress=False,
+                                                        dtype=None if mode.dtype == "float32" else mode.torch_dtype)
+            if mode.channels_last:
+                model.family.to(memory_format=CL)
+            from semdiff.nn.attention import set_attention_backend
+
+            set_attention_backend(mode.attention)
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                res = extract_features(model, str(folder), Path(tmp) / "codes.safetensors", resume=False,
+                                       progress=False)
+                dt = time.perf_counter() - t0
+            set_attention_backend("sdpa")
+            bs = getattr(res, "batch_size", None)
+            rows.append({"what": "extract_features (semantic codes)", "mode_name": mode.name, "images": n,
+                         "seconds": dt, "images_per_s": n / dt, "batch_size": bs})
+            log(f"  folder {folder} ({n} images), {mode.name}: {dt:.1f}s, {n / dt:.0f} images/s")
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -537,10 +677,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer rounds, batch 1 only, short end-to-end runs")
     p.add_argument("--modes", default=None, help="comma list of mode names to keep (reference is always kept)")
     p.add_argument("--compile", action="store_true", help="add torch.compile modes (slow to compile on a CPU)")
+    p.add_argument("--experimental", action="store_true",
+                   help="add the proposed bf16-weights mode (not in the library; see bf16_weight_copy)")
     p.add_argument("--no-e2e", action="store_true", help="skip encode_stochastic/decode through the API")
     p.add_argument("--e2e-full-max", type=int, default=32,
                    help="image sizes up to this run encode_stochastic/decode at the full default step counts")
-    p.add_argument("--folder", default=None, help="also time feature extraction over this image folder")
+    p.add_argument("--fast-recipe", default="fixed-point:10:2:ddim:10",
+                   help="reconstruction recipe timed next to the official one: inverter:steps[:iterations]:sampler:steps")
+    p.add_argument("--folder", default=None, help="also time feature extraction (semdiff.features) over this "
+                                                  "image folder, or 'emoji:N' for N rendered emoji, with the "
+                                                  "shipped model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help="write the JSON here")
@@ -572,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         bf16 = cpu_has_bf16()
         if not bf16:
             notes.append("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 modes skipped")
-        modes = cpu_modes(bf16, args.compile)
+        modes = cpu_modes(bf16, args.compile, args.experimental)
         if not args.compile:
             notes.append("torch.compile modes skipped on the CPU (pass --compile to add them)")
         dtypes = [torch.float32] + ([torch.bfloat16] if bf16 else [])
@@ -604,8 +750,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["size"] = size
                 r["model"] = label
             result["passes"].extend(rows)
-            mem_rows[batch] = next(r["peak_memory_mb"] for r in rows
-                                   if r["component"] == "denoiser pass" and r["mode_name"] == "sdpa")
+            mem_rows[batch] = next((r["peak_memory_mb"] for r in rows
+                                    if r["component"] == "denoiser pass" and r["mode_name"] in ("sdpa", "reference")
+                                    and r["mode_name"] == ("sdpa" if any(m.name == "sdpa" for m in modes)
+                                                           else "reference")), None)
+        mem_rows = {b: m for b, m in mem_rows.items() if m is not None}
         if len(mem_rows) >= 2:
             (b0, m0), (b1, m1) = sorted(mem_rows.items())[0], sorted(mem_rows.items())[-1]
             per_image = max((m1 - m0) / (b1 - b0), 1e-3)
@@ -627,17 +776,18 @@ def main(argv: list[str] | None = None) -> int:
             run_steps = steps if full else {"encode_stochastic": 2 if args.quick else 10,
                                             "decode": 2 if args.quick else 5}
             e2e_modes = [m for m in modes if m.compile is None]
-            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log)
+            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log, parse_recipe(args.fast_recipe))
             for r in rows:
                 r["size"] = size
                 r["model"] = label
             result["end_to_end"].extend(rows)
     # The % of peak used the start-of-run peaks; recompute against the best ceiling measured in the run.
     for row in result["passes"]:
-        peak = peaks.get(row["mode"]["dtype"], {}).get("peak_gflops")
-        row["pct_of_peak"] = 100 * row["gflops"] / peak if peak else None
+        entry = peaks.get(row["mode"]["dtype"], {})
+        row["pct_of_peak"] = 100 * row["gflops"] / entry["peak_gflops"] if entry else None
+        row["pct_of_mm_peak"] = 100 * row["gflops"] / entry["mm_gflops"] if entry else None
     if args.folder:
-        result["throughput"] = bench_folder_throughput(args.folder, device, log)
+        result["throughput"] = bench_folder_throughput(args.folder, device, modes, log)
     result["machine"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(format_table(result))
     if args.out:

@@ -44,12 +44,12 @@ def test_pass_rows(result):
         assert r["size"] == "tiny" and r["batch"] == 1
         assert r["gflop"] > 0 and r["seconds"] > 0 and r["images_per_s"] > 0
         assert r["speedup_vs_reference"] > 0 and r["speedup_vs_reference_median"] > 0
-        assert r["pct_of_peak"] is None or r["pct_of_peak"] > 0
+        assert r["pct_of_peak"] > 0 and r["pct_of_mm_peak"] > 0
         assert r["peak_memory_mb"] >= 0
         if r["mode_name"] == "reference":
             assert r["speedup_vs_reference"] == 1.0
             assert r["mode"] == {"name": "reference", "attention": "reference", "dtype": "float32",
-                                 "channels_last": False, "compile": None}
+                                 "channels_last": False, "compile": None, "weights": "float32"}
     # the same arithmetic in every mode: one GFLOP count per component
     for comp in ("encoder pass", "denoiser pass"):
         assert len({r["gflop"] for r in rows if r["component"] == comp}) == 1
@@ -60,6 +60,9 @@ def test_end_to_end_rows(result):
     comps = {r["component"] for r in rows}
     assert "encode_stochastic (250 steps)" in comps and "decode (20 steps)" in comps
     for r in rows:
-        assert r["seconds"] > 0 and r["speedup_vs_reference"] > 0
+        assert r["seconds"] > 0 and r["speedup_vs_reference"] > 0 and r["passes"] >= 1
         if r["component"].startswith("decode"):
             assert r["projected"] and r["measured_steps"] < r["default_steps"]
+    recon = [r for r in rows if r["component"].startswith("reconstruct")]
+    assert {r["passes"] for r in recon} == {271, 31}  # official 1 + 250 + 20; fixed-point 1 + 2 x 10 + 10
+    assert all(r["speedup_vs_official_reference"] > 0 for r in recon)
