@@ -78,12 +78,40 @@ def shipped_model_dir() -> Path | None:
     return folder if (folder / "config.json").exists() else None
 
 
+DIFFUSEVAE_SIZES = {"dvae-ffhq128": ("ffhq", 8), "dvae-celebahq256": ("celebahq", 8)}
+
+
+def _diffusevae_family(size: str):
+    """A released DiffuseVAE architecture, read from the official key/shape fixture of the tests."""
+    from semdiff.families.diffusevae import DiffuseVAE
+    from semdiff.families.diffusevae.convert import infer_unet_config
+
+    name, heads = DIFFUSEVAE_SIZES[size]
+    keys = json.loads((ROOT.parent / "tests" / "fixtures" / "official-keys" / "diffusevae" / f"keys_{name}.json")
+                      .read_text())
+    v = keys["vae"]
+    vae = dict(input_res=v["input_res"], enc_block_str=v["enc_block_config"], enc_channel_str=v["enc_channel_config"],
+               dec_block_str=v["dec_block_config"], dec_channel_str=v["dec_channel_config"])
+    unet = infer_unet_config({k: tuple(s) for k, s in keys["ddpm_checkpoint_state_dict_unet_part"].items()})
+    return DiffuseVAE(DiffuseVAE.default_config(vae=vae, unet={**unet, "num_heads": heads}))
+
+
+def family_kind(family) -> str:
+    return family.family_name
+
+
 def build_family(size: str):
     """(family, label) with random weights of the named architecture, in eval mode."""
     from semdiff.families.diffae import DiffAE
 
     sizes = _diffae_sizes()
-    if size in sizes:
+    if size in DIFFUSEVAE_SIZES:
+        try:
+            family = _diffusevae_family(size)
+        except (ImportError, FileNotFoundError, KeyError) as e:
+            raise SystemExit(f"{size}: DiffuseVAE networks are not available here ({e})")
+        label = f"diffusevae-{size[5:]}"
+    elif size in sizes:
         family = DiffAE(DiffAE.default_config(**sizes[size]))
         label = f"diffae-{size}"
     elif size == "emoji32":
@@ -95,7 +123,7 @@ def build_family(size: str):
         family = load_model_folder(folder)
         label = "diffae-emoji32 (shipped weights)"
     else:
-        raise SystemExit(f"unknown size {size!r}; known: {', '.join(list(sizes) + ['emoji32'])}")
+        raise SystemExit(f"unknown size {size!r}; known: {', '.join(list(sizes) + ['emoji32'] + list(DIFFUSEVAE_SIZES))}")
     if size != "emoji32":
         _randomise(family)
     return family.eval(), label
@@ -315,7 +343,14 @@ class Variants:
         return self._cl
 
     def nets(self, mode: Mode):
+        """(encoder, denoiser) callables: ``encoder(x)`` and ``denoiser(x_t, t, z)``."""
         fam = self.family(mode)
+        if family_kind(fam) == "diffusevae":
+            # the VAE encoder; the UNet takes x_t and the VAE reconstruction x̂ (here a fixed image)
+            encoder, unet = fam.encode, fam.unet
+            if mode.compile is not None:
+                unet = self._compiled.setdefault(mode.name, torch.compile(fam.unet, mode=mode.compile))
+            return encoder, (lambda x, t, z, u=unet: u(x, t, x.flip(-1).clamp(-1, 1)))
         if mode.compile is None:
             return fam.encoder, fam.unet
         if mode.name not in self._compiled:
@@ -497,7 +532,7 @@ def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int
         inv_step = t_inv / run_steps["encode_stochastic"]
         dec_step = t_dec / run_steps["decode"]
         official = t_enc + inv_step * steps["encode_stochastic"] + dec_step * steps["decode"]
-        rows.append({"component": f"reconstruct: official ddim {steps['encode_stochastic']} + ddim {steps['decode']}",
+        rows.append({"component": f"reconstruct: official (inv {steps['encode_stochastic']} + dec {steps['decode']})",
                      "mode_name": mode.name, "batch": 1, "seconds": official, "projected": not full,
                      "passes": 1 + steps["encode_stochastic"] + steps["decode"], "images_per_s": 1 / official,
                      "measured_steps": "sum of the rows above", "default_steps": None})
@@ -671,7 +706,8 @@ def bench_folder_throughput(spec: str, device: torch.device, modes: list[Mode], 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="tiny,ffhq128,ffhq256",
-                   help="comma list of tiny, celeba64, ffhq128, ffhq256, emoji32 (the shipped model)")
+                   help="comma list of tiny, celeba64, ffhq128, ffhq256, emoji32 (the shipped model), "
+                        "dvae-ffhq128, dvae-celebahq256 (DiffuseVAE)")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1 and a large one per size)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per mode (default 5, --quick 2)")
     p.add_argument("--quick", action="store_true", help="fewer rounds, batch 1 only, short end-to-end runs")
@@ -732,17 +768,19 @@ def main(argv: list[str] | None = None) -> int:
     peaks = measure_peaks(device, dtypes, n=1024 if args.quick else 2048, reps=3 if args.quick else 5)
     result["peaks"] = peaks
 
-    default_batches = {"tiny": [1, 64], "emoji32": [1, 64], "celeba64": [1, 16], "ffhq128": [1, 8], "ffhq256": [1, 4]}
+    default_batches = {"tiny": [1, 64], "emoji32": [1, 64], "celeba64": [1, 16], "ffhq128": [1, 8], "ffhq256": [1, 4],
+                       "dvae-ffhq128": [1, 8], "dvae-celebahq256": [1, 4]}
     for size in [s for s in args.sizes.split(",") if s]:
         family, label = build_family(size)
         variants = Variants(family, device)
+        size_modes = [m for m in modes if m.weights == "float32" or family_kind(family) == "diffae"]
         batches = [int(b) for b in args.batch.split(",")] if args.batch else (
             [1] if args.quick else default_batches.get(size, [1]))
         mem_rows = {}
         for batch in batches:
-            log(f"{label}: batch {batch}, modes {', '.join(m.name for m in modes)}")
+            log(f"{label}: batch {batch}, modes {', '.join(m.name for m in size_modes)}")
             try:
-                rows = bench_passes(variants, modes, batch, rounds, peaks, log)
+                rows = bench_passes(variants, size_modes, batch, rounds, peaks, log)
             except RuntimeError as e:  # out of memory and the like: say so and go on
                 notes.append(f"{size} batch {batch}: {type(e).__name__}: {str(e)[:200]}")
                 continue
@@ -775,8 +813,9 @@ def main(argv: list[str] | None = None) -> int:
             full = family.image_size <= args.e2e_full_max and not args.quick
             run_steps = steps if full else {"encode_stochastic": 2 if args.quick else 10,
                                             "decode": 2 if args.quick else 5}
-            e2e_modes = [m for m in modes if m.compile is None]
-            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log, parse_recipe(args.fast_recipe))
+            e2e_modes = [m for m in size_modes if m.compile is None]
+            recipe = parse_recipe(args.fast_recipe) if family_kind(family) == "diffae" else None
+            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log, recipe)
             for r in rows:
                 r["size"] = size
                 r["model"] = label

@@ -217,3 +217,24 @@ def test_tiny_model_fixed_point_round_trip(tiny):
             x_T = tiny.encode_stochastic(x0, z, steps=10, inverter=inverter, iterations=3)
             errs[inverter] = rel(tiny.decode(z, x_T, steps=10), x0)
     assert errs["fixed-point"] < 0.7 * errs["ddim"], errs
+
+
+def test_config_chooses_the_default_sampler_and_inverter(tiny):
+    """A model folder may choose faster defaults (config keys); converted official models keep DDIM."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(1, 64, generator=g)
+    x_T = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        official = tiny.encode_stochastic(x0, z, steps=4), tiny.decode(z, x_T, steps=4)
+        fast = tiny.encode_stochastic(x0, z, steps=4, inverter="fixed-point", iterations=1), \
+            tiny.decode(z, x_T, steps=4, sampler="unipc")
+        tiny.config.update(default_inverter="fixed-point", inversion_iterations=1, default_sampler="unipc")
+        try:
+            chosen = tiny.encode_stochastic(x0, z, steps=4), tiny.decode(z, x_T, steps=4)
+            assert tiny.get_config()["default_sampler"] == "unipc"
+        finally:
+            for k in ("default_inverter", "inversion_iterations", "default_sampler"):
+                tiny.config.pop(k)
+    assert torch.equal(chosen[0], fast[0]) and torch.equal(chosen[1], fast[1])
+    assert not torch.equal(chosen[0], official[0]) and not torch.equal(chosen[1], official[1])

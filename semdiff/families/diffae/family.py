@@ -67,10 +67,13 @@ class DiffAE(Family):
     def _eps_model(self, z: torch.Tensor):
         return lambda x, t: self.unet(x, t, z)
 
-    def encode_stochastic(self, x, z, *, steps, progress=False, inverter: str = "ddim", iterations: int = 2,
-                          **options):
+    def encode_stochastic(self, x, z, *, steps, progress=False, inverter: str | None = None,
+                          iterations: int | None = None, **options):
         """x_T by inversion; ``inverter`` "ddim" (official), "fixed-point" (``iterations`` passes per
-        step, decode with sampler "ddim" and the same steps) or "dpmsolver++"."""
+        step, decode with sampler "ddim" and the same steps) or "dpmsolver++". The defaults come from
+        the config keys ``default_inverter`` ("ddim") and ``inversion_iterations`` (2)."""
+        inverter = inverter or self.config.get("default_inverter", "ddim")
+        iterations = int(iterations or self.config.get("inversion_iterations", 2))
         if options:
             raise FeatureNotSupported(f"Diff-AE's encode_stochastic has no options {sorted(options)}; "
                                       "it takes: inverter, iterations")
@@ -81,8 +84,11 @@ class DiffAE(Family):
         return invert_with_solver(inverter, self._eps_model(z), x, self.schedule, timesteps, clip_x0=True,
                                   iterations=iterations, progress=progress)
 
-    def decode(self, z, x_T, *, steps, generator=None, progress=False, eta: float = 0.0, sampler: str = "ddim",
+    def decode(self, z, x_T, *, steps, generator=None, progress=False, eta: float = 0.0, sampler: str | None = None,
                order: int = 2, **options):
+        """DDIM decode (official); ``sampler`` "dpmsolver++"/"unipc" (default: config key
+        ``default_sampler``, else "ddim") runs a multistep solver of ``order`` on the same grid."""
+        sampler = sampler or self.config.get("default_sampler", "ddim")
         if options:
             raise FeatureNotSupported(f"Diff-AE's decode has no options {sorted(options)}; "
                                       f"it takes: {', '.join(sorted(self.decode_options))}")
