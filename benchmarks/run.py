@@ -96,6 +96,23 @@ def _diffusevae_family(size: str):
     return DiffuseVAE(DiffuseVAE.default_config(vae=vae, unet={**unet, "num_heads": heads}))
 
 
+LRDM_SIZES = {"lrdm-r64x8x8": "LRDM r64x8x8", "tlrdm-r16x16x16": "t-LRDM r16x16x16"}
+
+
+def _lrdm_family(size: str):
+    """A released LRDM architecture (LSUN Churches) without its first stage: the UNet and the
+    representation autoencoder work on the 64x64x3 first-stage latent of a 256px image."""
+    from semdiff.families.lrdm import LRDM
+    from semdiff.families.lrdm.convert import _RELEASED_DECODER, _RELEASED_ENCODER, _RELEASED_UNET, RELEASED_CONFIGS
+
+    c = RELEASED_CONFIGS[next(k for k in RELEASED_CONFIGS if k.startswith(LRDM_SIZES[size] + " "))]
+    tc = c["time_conditional"]
+    return LRDM({"unet": {**_RELEASED_UNET, **c["unet"]},
+                 "representation": {"embed_dim": c["embed_dim"],
+                                    "encoder": {**_RELEASED_ENCODER, **c["encoder"], "time_conditional": tc},
+                                    "decoder": {**_RELEASED_DECODER, **c["decoder"], "time_conditional": tc}}})
+
+
 def family_kind(family) -> str:
     return family.family_name
 
@@ -111,6 +128,12 @@ def build_family(size: str):
         except (ImportError, FileNotFoundError, KeyError) as e:
             raise SystemExit(f"{size}: DiffuseVAE networks are not available here ({e})")
         label = f"diffusevae-{size[5:]}"
+    elif size in LRDM_SIZES:
+        try:
+            family = _lrdm_family(size)
+        except (ImportError, KeyError, StopIteration) as e:
+            raise SystemExit(f"{size}: LRDM networks are not available here ({e})")
+        label = f"{size} (no first stage: 64x64x3 latent)"
     elif size in sizes:
         family = DiffAE(DiffAE.default_config(**sizes[size]))
         label = f"diffae-{size}"
@@ -123,7 +146,8 @@ def build_family(size: str):
         family = load_model_folder(folder)
         label = "diffae-emoji32 (shipped weights)"
     else:
-        raise SystemExit(f"unknown size {size!r}; known: {', '.join(list(sizes) + ['emoji32'] + list(DIFFUSEVAE_SIZES))}")
+        raise SystemExit(f"unknown size {size!r}; known: "
+                         f"{', '.join(list(sizes) + ['emoji32'] + list(DIFFUSEVAE_SIZES) + list(LRDM_SIZES))}")
     if size != "emoji32":
         _randomise(family)
     return family.eval(), label
@@ -345,6 +369,29 @@ class Variants:
     def nets(self, mode: Mode):
         """(encoder, denoiser) callables: ``encoder(x)`` and ``denoiser(x_t, t, z)``."""
         fam = self.family(mode)
+        if family_kind(fam) == "lrdm":
+            # the representation encoder; the UNet with the code's features (computed once per call by
+            # the family, so not part of a pass here)
+            unet = fam.unet
+            if mode.compile is not None:
+                unet = self._compiled.setdefault(mode.name, torch.compile(fam.unet, mode=mode.compile))
+            feats: dict[int, Any] = {}
+
+            def denoiser(x, t, z, u=unet, fam=fam):
+                if x.shape[0] not in feats:
+                    g = torch.Generator().manual_seed(0)
+                    codes = torch.randn(x.shape[0], *fam.code_shape, generator=g).to(x.device)
+                    if fam.time_conditional:
+                        feats[x.shape[0]] = None
+                    else:
+                        feats[x.shape[0]] = fam.features(codes)
+                f = feats[x.shape[0]]
+                if f is None:  # t-LRDM: features depend on t
+                    g = torch.Generator().manual_seed(0)
+                    f = fam.features(torch.randn(x.shape[0], *fam.code_shape, generator=g).to(x.device), t)
+                return u(x, t, f)
+
+            return fam.encode, denoiser
         if family_kind(fam) == "diffusevae":
             # the VAE encoder; the UNet takes x_t and the VAE reconstruction x̂ (here a fixed image)
             encoder, unet = fam.encode, fam.unet
@@ -707,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="tiny,ffhq128,ffhq256",
                    help="comma list of tiny, celeba64, ffhq128, ffhq256, emoji32 (the shipped model), "
-                        "dvae-ffhq128, dvae-celebahq256 (DiffuseVAE)")
+                        "dvae-ffhq128, dvae-celebahq256 (DiffuseVAE), lrdm-r64x8x8, tlrdm-r16x16x16 (LRDM)")
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1 and a large one per size)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per mode (default 5, --quick 2)")
     p.add_argument("--quick", action="store_true", help="fewer rounds, batch 1 only, short end-to-end runs")
@@ -769,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     result["peaks"] = peaks
 
     default_batches = {"tiny": [1, 64], "emoji32": [1, 64], "celeba64": [1, 16], "ffhq128": [1, 8], "ffhq256": [1, 4],
-                       "dvae-ffhq128": [1, 8], "dvae-celebahq256": [1, 4]}
+                       "dvae-ffhq128": [1, 8], "dvae-celebahq256": [1, 4], "lrdm-r64x8x8": [1, 8],
+                       "tlrdm-r16x16x16": [1, 8]}
     for size in [s for s in args.sizes.split(",") if s]:
         family, label = build_family(size)
         variants = Variants(family, device)
