@@ -17,6 +17,8 @@ Three parts, written to ``--out`` (JSON) and ``--md`` (markdown tables):
    x_T ~ N(0, I), decoded by each sampler at N steps; PSNR / SSIM against the official DDIM at 1000
    steps (every timestep) from the same codes, the converged answer all samplers approach, and, with
    ``--fd``, the semdiff-FD of the samples against held-out images.
+4. ``precision``: bf16 (the API's autocast, with and without channels-last) against float32 on the
+   same images: code error, PSNR of reconstructions and decodes against the float32 result.
 """
 
 from __future__ import annotations
@@ -247,6 +249,49 @@ def sampling(model, x01: torch.Tensor, steps_list, seed: int = 0, fd: bool = Fal
     return {"codes": source, "reference": f"DDIM {ref_steps} steps, same z and x_T", "rows": rows}
 
 
+def precision(model, x01: torch.Tensor, seed: int = 0) -> dict[str, Any]:
+    """bf16 (autocast, as ``dtype=torch.bfloat16``; and with channels-last) against float32 on the
+    same inputs: the semantic codes, a reconstruction (official recipe and the fast one) and a decode
+    from a fixed x_T."""
+    import copy
+
+    from semdiff import SemanticAutoencoder
+    from semdiff.api import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        return {"skipped": "this CPU has no native bf16"}
+    variants = {"bf16": SemanticAutoencoder(model.family, dtype=torch.bfloat16, progress=False)}
+    cl = copy.deepcopy(model.family).to(memory_format=torch.channels_last)
+    variants["bf16+channels-last"] = SemanticAutoencoder(cl, dtype=torch.bfloat16, progress=False)
+    g = torch.Generator().manual_seed(seed)
+    x_T_random = torch.randn(len(x01), *model.family.stochastic_shape(), generator=g)
+    recipes = {"official (ddim 250 + ddim 20)": dict(inv=dict(steps=250), dec=dict(steps=20)),
+               "fast (fixed-point x2 10 + ddim 10)": dict(inv=dict(steps=10, inverter="fixed-point", iterations=2),
+                                                          dec=dict(steps=10))}
+
+    def run(m):
+        z = m.encode(x01)
+        out = {"z": z, "sample": m.decode(z32, x_T_random, steps=20)}
+        for name, r in recipes.items():
+            out[name] = m.decode(z, m.encode_stochastic(x01, z, **r["inv"]), **r["dec"])
+        return out
+
+    z32 = model.encode(x01)
+    ref = run(model)
+    rows = []
+    for label, m in variants.items():
+        got = run(m)
+        row = {"variant": label, "z_rel_err": rel_err(got["z"], ref["z"]),
+               "sample_psnr_vs_fp32": metrics(got["sample"], ref["sample"])["psnr"]}
+        for name in recipes:
+            row[f"{name}: psnr vs input"] = metrics(got[name], x01)["psnr"]
+            row[f"{name}: psnr vs fp32"] = metrics(got[name], ref[name])["psnr"]
+            row[f"{name}: fp32 psnr vs input"] = metrics(ref[name], x01)["psnr"]
+        rows.append(row)
+        log(f"  {label}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if k != "variant"))
+    return {"rows": rows}
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 
@@ -287,6 +332,13 @@ def to_markdown(result: dict) -> str:
         for r in smp["rows"]:
             out.append(f"| {r['steps']} | {r['sampler']} | {r['psnr']:.2f} | {r['ssim']:.4f} |"
                        + (f" {r['semdiff_fd']:.2f} |" if has_fd else ""))
+    prec = result.get("precision")
+    if prec and prec.get("rows"):
+        out.append(f"\n**bf16 against float32** ({result['model']}, same inputs; PSNR in dB):\n")
+        keys = [k for k in prec["rows"][0] if k != "variant"]
+        out.append("| variant | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+        for r in prec["rows"]:
+            out.append(f"| {r['variant']} | " + " | ".join(f"{r[k]:.3g}" for k in keys) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -297,6 +349,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=32, help="held-out images / samples")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--analytic-only", action="store_true")
+    p.add_argument("--no-precision", action="store_true", help="skip the bf16-against-float32 part")
     p.add_argument("--fd", action="store_true", help="semdiff-FD of the samples (needs --n in the hundreds)")
     p.add_argument("--codes", default="auto", choices=["auto", "prior", "encoder"],
                    help="codes for the sampling part: the prior's (auto when the model has one) or encoded images")
@@ -321,6 +374,9 @@ def main(argv=None) -> int:
             result["n_images"] = len(x01)
             log(f"reconstruction on {result['model']} ...")
             result["reconstruction"] = reconstruction(model, x01, default_recipes(args.quick))
+            if not args.no_precision:
+                log("bf16 against float32 ...")
+                result["precision"] = precision(model, x01)
             log("sampling ...")
             result["sampling"] = sampling(model, x01, (5, 10, 20) if args.quick else (5, 10, 15, 20, 50),
                                           fd=args.fd, codes=args.codes, ref_steps=200 if args.quick else 1000)

@@ -665,8 +665,43 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_summary(result: dict) -> str:
+    """The README table: one row per size, batch and mode (denoiser and encoder pass side by side)."""
+    rows = {}
+    for r in result["passes"]:
+        key = (r["size"], r["batch"], r["mode_name"])
+        rows.setdefault(key, {})[r["component"]] = r
+    lines = ["| size | batch | mode | denoiser s | img/s | GFLOP | GFLOP/s | % peak | % mm | x ref | encoder s | "
+             "x ref | extra MB |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (size, batch, mode), comps in rows.items():
+        d, e = comps.get("denoiser pass"), comps.get("encoder pass")
+        if d is None:
+            continue
+        lines.append(
+            f"| {size} | {batch} | {mode} | {d['seconds']:.3f} | {d['images_per_s']:.2f} | {d['gflop']:.3g} | "
+            f"{d['gflops']:.0f} | {d['pct_of_peak']:.0f} | {d['pct_of_mm_peak']:.0f} | "
+            f"**{d['speedup_vs_reference']:.2f}** | {e['seconds']:.3f} | {e['speedup_vs_reference']:.2f} | "
+            f"{d['peak_memory_mb']:.0f} |")
+    e2e = [r for r in result.get("end_to_end", []) if r["component"].startswith("reconstruct")]
+    if e2e:
+        lines += ["", "| size | end to end (batch 1) | mode | passes | s | x reference mode | x official recipe "
+                  "in reference mode | |", "|---|---|---|---:|---:|---:|---:|---|"]
+        for r in e2e:
+            so = r.get("speedup_vs_official_reference")
+            lines.append(f"| {r['size']} | {r['component']} | {r['mode_name']} | {r.get('passes', '')} | "
+                         f"{r['seconds']:.2f} | {r['speedup_vs_reference']:.2f} | "
+                         f"{f'**{so:.1f}**' if so else ''} | {'projected' if r.get('projected') else 'measured'} |")
+    return "\n".join(lines)
+
+
 def merge(files: list[str]) -> dict:
     parts = [json.loads(Path(f).read_text()) for f in files]
+    for part in parts:  # every row keeps the % of the peaks measured in its own run
+        for row in part.get("passes", []):
+            entry = part["peaks"].get(row["mode"]["dtype"], {})
+            if entry and row.get("pct_of_mm_peak") is None:
+                row["pct_of_mm_peak"] = 100 * row["gflops"] / entry["mm_gflops"]
+            row.setdefault("threads", part["machine"].get("torch_threads"))
     out = parts[0]
     for p in parts[1:]:
         for key in ("passes", "end_to_end", "throughput", "notes"):
@@ -774,11 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help="write the JSON here")
     p.add_argument("--merge", nargs="+", default=None, help="merge result JSON files into --out and print the table")
+    p.add_argument("--summary", action="store_true", help="with --merge: print the condensed README table")
     args = p.parse_args(argv)
 
     if args.merge:
         result = merge(args.merge)
-        print(format_table(result))
+        print(format_summary(result) if args.summary else format_table(result))
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         return 0

@@ -12,6 +12,7 @@ Diff-AE of the parity fixtures. Tolerances (relative L2):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,33 @@ def test_config_chooses_the_default_sampler_and_inverter(tiny):
                 tiny.config.pop(k)
     assert torch.equal(chosen[0], fast[0]) and torch.equal(chosen[1], fast[1])
     assert not torch.equal(chosen[0], official[0]) and not torch.equal(chosen[1], official[1])
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "semdiff" / "pretrained" / "semdiff-emoji32-diffae"
+
+
+@pytest.mark.skipif(not (SHIPPED / "config.json").exists(), reason="the shipped emoji model is not there yet")
+def test_shipped_model_fast_recipe_and_bf16():
+    """On the trained model: the fast reconstruction (fixed-point x2 on 10 steps + DDIM 10, 31 passes)
+    is at least as good as the official 250 + 20 recipe (271 passes), and bf16 stays within 40 dB
+    PSNR of float32."""
+    from semdiff.api import cpu_has_bf16
+    from semdiff.evaluation import psnr
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = SemanticAutoencoder.from_pretrained(SHIPPED, progress=False)
+        g = torch.Generator().manual_seed(0)
+        images = model.sample(2, steps=20, prior_steps=20, generator=g)  # in-distribution images
+        z = model.encode(images)
+        official = model.decode(z, model.encode_stochastic(images, z, steps=250), steps=20)
+        x_T = model.encode_stochastic(images, z, steps=10, inverter="fixed-point", iterations=2)
+        fast = model.decode(z, x_T, steps=10)
+        assert psnr(fast, images).mean() > psnr(official, images).mean() - 0.5
+        if cpu_has_bf16():
+            bf16 = SemanticAutoencoder(model.family, dtype=torch.bfloat16, progress=False)
+            fast16 = bf16.decode(z, bf16.encode_stochastic(images, z, steps=10, inverter="fixed-point"), steps=10)
+            assert psnr(fast16, fast).mean() > 40
+    finally:
+        torch.set_num_threads(threads)
