@@ -39,7 +39,7 @@ def labelled_grid(rows: Sequence[tuple[str, torch.Tensor]], *, scale: int = 3, p
     font = _font(max(11, min(18, h // 5)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     if label_width is None:
-        label_width = max(int(measure.textlength(label, font=font)) for label, _ in rows) + 3 * padding
+        label_width = max(int(measure.multiline_textbbox((0, 0), label, font=font)[2]) for label, _ in rows) + 3 * padding
     title_h = (h // 3 + 2 * padding) if title else 0
     footer_h = (h // 4 + 2 * padding) if footer else 0
     width = label_width + ncols * (w + padding) + padding
