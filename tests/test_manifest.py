@@ -207,7 +207,8 @@ def test_default_model_is_the_manifest_default_or_first_bundled(tmp_path, monkey
     extra.write_text(json.dumps({"schema_version": 1, "models": {"zz-bundled": bundled, "aa-bundled": bundled}}))
     monkeypatch.setenv(m.MANIFEST_ENV, str(extra))
     m.reload_manifest()
-    assert m.default_model_name() == "aa-bundled"
+    # the packaged manifest names its default, which an extra manifest without one leaves in place
+    assert m.default_model_name() == m.load_manifest()["default"] == "semdiff-emoji32-diffae"
     extra.write_text(json.dumps({"schema_version": 1, "default": "zz-bundled",
                                  "models": {"zz-bundled": bundled, "aa-bundled": bundled}}))
     m.reload_manifest()
