@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from matmul_peak import measure_peaks  # noqa: E402
+from matmul_peak import PeakKernels, measure_peaks  # noqa: E402
 
 CL = torch.channels_last
 
@@ -71,10 +71,14 @@ def _diffae_sizes() -> dict[str, dict[str, Any]]:
     }
 
 
+SHIPPED_OVERRIDE: list[str] = []
+
+
 def shipped_model_dir() -> Path | None:
     import semdiff
 
-    folder = Path(semdiff.__file__).parent / "pretrained" / "semdiff-emoji32-diffae"
+    folder = Path(SHIPPED_OVERRIDE[0]) if SHIPPED_OVERRIDE else \
+        Path(semdiff.__file__).parent / "pretrained" / "semdiff-emoji32-diffae"
     return folder if (folder / "config.json").exists() else None
 
 
@@ -191,7 +195,9 @@ REFERENCE = Mode("reference", attention="reference")
 def cpu_modes(bf16: bool, compile_: bool, experimental: bool = False) -> list[Mode]:
     modes = [REFERENCE, Mode("sdpa"), Mode("sdpa+cl", channels_last=True)]
     if bf16:
-        modes += [Mode("bf16", dtype="bfloat16"), Mode("bf16+cl", dtype="bfloat16", channels_last=True)]
+        modes += [Mode("bf16", dtype="bfloat16"), Mode("bf16+cl", dtype="bfloat16", channels_last=True),
+                  # the einsum ("reference") attention under bf16: on CPUs it beats SDPA (see README)
+                  Mode("bf16+cl+einsum", attention="reference", dtype="bfloat16", channels_last=True)]
     if bf16 and experimental:
         modes.append(Mode("bf16w+cl (proposal)", dtype="bfloat16", channels_last=True, weights="bfloat16"))
     if compile_:
@@ -446,7 +452,7 @@ def pass_inputs(family, batch: int, device: torch.device, mode: Mode):
 
 
 def bench_passes(variants: Variants, modes: list[Mode], batch: int, rounds: int, peaks: dict,
-                 log: Callable[[str], None]) -> list[dict]:
+                 log: Callable[[str], None], kernels: PeakKernels | None = None) -> list[dict]:
     device = variants.device
     fam = variants.base
     calls: dict[tuple[str, str], Callable[[], Any]] = {}
@@ -472,6 +478,8 @@ def bench_passes(variants: Variants, modes: list[Mode], batch: int, rounds: int,
         compile_s[mode.name] = time.perf_counter() - t0
     times: dict[tuple[str, str], list[float]] = {k: [] for k in calls}
     for r in range(rounds):
+        if kernels is not None:  # the ceilings, under this round's load
+            kernels.measure()
         order = modes[r % len(modes):] + modes[:r % len(modes)]
         for mode in order:
             with mode_context(mode, device):
@@ -525,87 +533,94 @@ def recipe_label(r: dict[str, Any]) -> str:
 
 
 def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int], run_steps: dict[str, int],
-                     log: Callable[[str], None], recipe: dict[str, Any] | None = None) -> list[dict]:
+                     log: Callable[[str], None], recipe: dict[str, Any] | None = None,
+                     rounds: int = 2) -> list[dict]:
     """encode_stochastic and decode through the public API, batch 1; then whole reconstructions
     (encoder + inversion + decode): the official recipe and ``recipe``, measured when the run uses
-    the full step counts, otherwise projected from the measured seconds per step."""
-    from semdiff.sampling.solvers import passes as count_passes
+    the full step counts, otherwise projected from the measured seconds per step. The modes are
+    interleaved over ``rounds`` rounds and the best round is kept (the machine is shared)."""
     from semdiff import SemanticAutoencoder
+    from semdiff.nn.attention import get_attention_backend, set_attention_backend
+    from semdiff.sampling.solvers import passes as count_passes
 
     device = variants.device
-    rows = []
     fam = variants.base
     g = torch.Generator().manual_seed(1)
     x01 = torch.rand(1, 3, fam.image_size, fam.image_size, generator=g)
-    for mode in modes:
-        if mode.compile is not None or mode.weights != "float32":
-            continue  # the API does not compile, nor keep bf16 weights
-        family = variants.family(mode)
-        model = SemanticAutoencoder(family, device=device, dtype=None if mode.dtype == "float32" else mode.torch_dtype,
-                                    progress=False)
-        from semdiff.nn.attention import get_attention_backend, set_attention_backend
+    full = run_steps == steps
+    modes = [m for m in modes if m.compile is None and m.weights == "float32"]  # what the API can run
+    models = {m.name: SemanticAutoencoder(variants.family(m), device=device, progress=False,
+                                          dtype=None if m.dtype == "float32" else m.torch_dtype) for m in modes}
+    opts = {}
+    if recipe is not None:
+        opts = {"inverter": recipe["inverter"]}
+        if recipe["inverter"] == "fixed-point":
+            opts["iterations"] = recipe["iterations"]
+    best: dict[str, dict[str, float]] = {m.name: {} for m in modes}
 
-        previous = get_attention_backend()
-        set_attention_backend(mode.attention)
-        try:
-            # warm-up: the first call of each shape creates the oneDNN primitives
-            z = model.encode(x01)
-            model.decode(z, model.encode_stochastic(x01, z, steps=2), steps=2)
-            t_enc = float("inf")
-            for _ in range(3):  # one pass: the best of three
-                t0 = time.perf_counter()
-                z = model.encode(x01)
-                _sync(device)
-                t_enc = min(t_enc, time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            x_T = model.encode_stochastic(x01, z, steps=run_steps["encode_stochastic"])
-            _sync(device)
-            t_inv = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            model.decode(z, x_T, steps=run_steps["decode"])
-            _sync(device)
-            t_dec = time.perf_counter() - t0
-        finally:
-            set_attention_backend(previous)
-        for what, t, n in (("encode_stochastic", t_inv, "encode_stochastic"), ("decode", t_dec, "decode")):
-            scale = steps[n] / run_steps[n]
-            rows.append({"component": f"{what} ({steps[n]} steps)", "mode_name": mode.name, "batch": 1,
-                         "seconds": t * scale, "measured_steps": run_steps[n], "default_steps": steps[n],
-                         "projected": run_steps[n] != steps[n], "passes": steps[n],
-                         "images_per_s": 1 / (t * scale)})
-        rows.append({"component": "encode (semantic)", "mode_name": mode.name, "batch": 1, "seconds": t_enc,
-                     "passes": 1, "projected": False, "images_per_s": 1 / t_enc})
-        full = run_steps == steps
-        inv_step = t_inv / run_steps["encode_stochastic"]
-        dec_step = t_dec / run_steps["decode"]
-        official = t_enc + inv_step * steps["encode_stochastic"] + dec_step * steps["decode"]
-        rows.append({"component": f"reconstruct: official (inv {steps['encode_stochastic']} + dec {steps['decode']})",
-                     "mode_name": mode.name, "batch": 1, "seconds": official, "projected": not full,
-                     "passes": 1 + steps["encode_stochastic"] + steps["decode"], "images_per_s": 1 / official,
-                     "measured_steps": "sum of the rows above", "default_steps": None})
-        if recipe is not None:
-            n_inv = count_passes("invert", recipe["inverter"], recipe["inv_steps"], iterations=recipe["iterations"])
-            if full:
+    def keep(name, key, value):
+        best[name][key] = min(best[name].get(key, float("inf")), value)
+
+    previous = get_attention_backend()
+    try:
+        for r in range(rounds + 1):  # round 0 warms up (oneDNN primitives of every shape)
+            order = modes[r % len(modes):] + modes[:r % len(modes)]
+            for mode in order:
+                model = models[mode.name]
                 set_attention_backend(mode.attention)
-                try:
+                if r == 0:
+                    z = model.encode(x01)
+                    model.decode(z, model.encode_stochastic(x01, z, steps=2), steps=2)
+                    continue
+                for _ in range(2):
                     t0 = time.perf_counter()
                     z = model.encode(x01)
-                    opts = {"iterations": recipe["iterations"]} if recipe["inverter"] == "fixed-point" else {}
-                    x_T = model.encode_stochastic(x01, z, steps=recipe["inv_steps"], inverter=recipe["inverter"],
-                                                  **opts)
+                    _sync(device)
+                    keep(mode.name, "enc", time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                x_T = model.encode_stochastic(x01, z, steps=run_steps["encode_stochastic"])
+                _sync(device)
+                keep(mode.name, "inv", time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                model.decode(z, x_T, steps=run_steps["decode"])
+                _sync(device)
+                keep(mode.name, "dec", time.perf_counter() - t0)
+                if recipe is not None and full:
+                    t0 = time.perf_counter()
+                    z = model.encode(x01)
+                    x_T = model.encode_stochastic(x01, z, steps=recipe["inv_steps"], **opts)
                     model.decode(z, x_T, steps=recipe["dec_steps"], sampler=recipe["sampler"])
                     _sync(device)
-                    fast = time.perf_counter() - t0
-                finally:
-                    set_attention_backend(previous)
-            else:
-                fast = t_enc + inv_step * n_inv + dec_step * recipe["dec_steps"]
+                    keep(mode.name, "fast", time.perf_counter() - t0)
+                b = best[mode.name]
+                log(f"    e2e round {r}/{rounds} {mode.name}: encode {b['enc']:.3f}s, inversion "
+                    f"{run_steps['encode_stochastic']} steps {b['inv']:.2f}s, decode {run_steps['decode']} steps "
+                    f"{b['dec']:.2f}s (best so far)")
+    finally:
+        set_attention_backend(previous)
+
+    rows = []
+    for mode in modes:
+        b = best[mode.name]
+        for what, n in (("encode_stochastic", "encode_stochastic"), ("decode", "decode")):
+            t = b["inv" if what == "encode_stochastic" else "dec"] * steps[n] / run_steps[n]
+            rows.append({"component": f"{what} ({steps[n]} steps)", "mode_name": mode.name, "batch": 1,
+                         "seconds": t, "measured_steps": run_steps[n], "default_steps": steps[n],
+                         "projected": run_steps[n] != steps[n], "passes": steps[n], "images_per_s": 1 / t})
+        rows.append({"component": "encode (semantic)", "mode_name": mode.name, "batch": 1, "seconds": b["enc"],
+                     "passes": 1, "projected": False, "images_per_s": 1 / b["enc"]})
+        inv_step = b["inv"] / run_steps["encode_stochastic"]
+        dec_step = b["dec"] / run_steps["decode"]
+        official = b["enc"] + inv_step * steps["encode_stochastic"] + dec_step * steps["decode"]
+        rows.append({"component": f"reconstruct: official (inv {steps['encode_stochastic']} + dec {steps['decode']})",
+                     "mode_name": mode.name, "batch": 1, "seconds": official, "projected": not full,
+                     "passes": 1 + steps["encode_stochastic"] + steps["decode"], "images_per_s": 1 / official})
+        if recipe is not None:
+            n_inv = count_passes("invert", recipe["inverter"], recipe["inv_steps"], iterations=recipe["iterations"])
+            fast = b["fast"] if full else b["enc"] + inv_step * n_inv + dec_step * recipe["dec_steps"]
             rows.append({"component": f"reconstruct: {recipe_label(recipe)}", "mode_name": mode.name, "batch": 1,
                          "seconds": fast, "projected": not full, "passes": 1 + n_inv + recipe["dec_steps"],
-                         "images_per_s": 1 / fast, "measured_steps": "projected from seconds per step" if not full
-                         else None, "default_steps": None})
-        log(f"    e2e {mode.name}: encode {t_enc:.3f}s, inversion {run_steps['encode_stochastic']} steps "
-            f"{t_inv:.2f}s, decode {run_steps['decode']} steps {t_dec:.2f}s")
+                         "images_per_s": 1 / fast})
     ref = {r["component"]: r["seconds"] for r in rows if r["mode_name"] == "reference"}
     official_ref = next((r["seconds"] for r in rows if r["mode_name"] == "reference"
                          and r["component"].startswith("reconstruct: official")), None)
@@ -805,6 +820,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folder", default=None, help="also time feature extraction (semdiff.features) over this "
                                                   "image folder, or 'emoji:N' for N rendered emoji, with the "
                                                   "shipped model")
+    p.add_argument("--shipped", default=None, help="model folder used for the emoji32 size and --folder "
+                                                   "(default: semdiff/pretrained/semdiff-emoji32-diffae)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--out", default=None, help="write the JSON here")
@@ -820,6 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     os.environ.setdefault("SEMDIFF_PROGRESS", "0")
+    if args.shipped:
+        SHIPPED_OVERRIDE.append(args.shipped)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -848,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"machine": machine_info(device), "args": vars(args), "passes": [], "end_to_end": [],
                               "max_batch": {}, "notes": notes}
     log("measuring matmul peaks ...")
-    peaks = measure_peaks(device, dtypes, n=1024 if args.quick else 2048, reps=3 if args.quick else 5)
+    kernels = PeakKernels(device, dtypes, n=1024 if args.quick else 2048)
+    kernels.measure(reps=3 if args.quick else 5, warmup=2)
+    peaks = kernels.result()
     result["peaks"] = peaks
 
     default_batches = {"tiny": [1, 64], "emoji32": [1, 64], "celeba64": [1, 16], "ffhq128": [1, 8], "ffhq256": [1, 4],
@@ -864,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             log(f"{label}: batch {batch}, modes {', '.join(m.name for m in size_modes)}")
             try:
-                rows = bench_passes(variants, size_modes, batch, rounds, peaks, log)
+                rows = bench_passes(variants, size_modes, batch, rounds, peaks, log, kernels)
             except RuntimeError as e:  # out of memory and the like: say so and go on
                 notes.append(f"{size} batch {batch}: {type(e).__name__}: {str(e)[:200]}")
                 continue
@@ -885,12 +906,7 @@ def main(argv: list[str] | None = None) -> int:
                                          "estimate": int(max(1, (0.8 * avail - m0) // per_image + 1)),
                                          "method": "linear fit of denoiser-pass peak memory (sdpa mode) "
                                                    f"between batch {b0} and {b1}; 80% of MemAvailable"}
-        # Peaks again after the size: the best of both measurements is kept (load changes).
-        again = measure_peaks(device, dtypes, n=1024 if args.quick else 2048, reps=3)
-        for k, v in again.items():
-            if isinstance(v, dict):
-                for kk in v:
-                    peaks[k][kk] = max(peaks[k][kk], v[kk])
+        peaks.update(kernels.result())  # best over every round so far
         if not args.no_e2e:
             steps = {"encode_stochastic": family.default_steps["encode_stochastic"],
                      "decode": family.default_steps["decode"]}
@@ -899,12 +915,14 @@ def main(argv: list[str] | None = None) -> int:
                                             "decode": 2 if args.quick else 5}
             e2e_modes = [m for m in size_modes if m.compile is None]
             recipe = parse_recipe(args.fast_recipe) if family_kind(family) == "diffae" else None
-            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log, recipe)
+            rows = bench_end_to_end(variants, e2e_modes, steps, run_steps, log, recipe,
+                                    rounds=1 if args.quick else 2)
             for r in rows:
                 r["size"] = size
                 r["model"] = label
             result["end_to_end"].extend(rows)
-    # The % of peak used the start-of-run peaks; recompute against the best ceiling measured in the run.
+    # The % of peak: against the best ceiling measured over the whole run.
+    peaks.update(kernels.result())
     for row in result["passes"]:
         entry = peaks.get(row["mode"]["dtype"], {})
         row["pct_of_peak"] = 100 * row["gflops"] / entry["peak_gflops"] if entry else None
