@@ -117,7 +117,7 @@ def main(argv=None) -> int:
               f"({r['gflop'] / r['seconds_best']:.0f} GFLOP/s = {r['pass_pct_of_conv_peak']:.0f}% of the conv peak); "
               f"convolutions alone {r['conv_gflops']:.0f} GFLOP/s = {r['conv_pct_of_conv_peak']:.0f}% of the conv "
               f"peak; time: {shares}")
-    print(f"peaks: " + "; ".join(f"{k}: mm {v['mm_gflops']:.0f}, conv {v['conv_gflops']:.0f}" for k, v in peaks.items()
+    print("peaks: " + "; ".join(f"{k}: mm {v['mm_gflops']:.0f}, conv {v['conv_gflops']:.0f}" for k, v in peaks.items()
                                  if isinstance(v, dict)))
     if args.out:
         Path(args.out).write_text(json.dumps({"size": args.size, "threads": torch.get_num_threads(), "peaks": peaks,

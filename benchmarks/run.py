@@ -48,7 +48,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from matmul_peak import PeakKernels, measure_peaks  # noqa: E402
+from matmul_peak import PeakKernels  # noqa: E402
 
 CL = torch.channels_last
 

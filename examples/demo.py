@@ -39,10 +39,11 @@ EDIT_SCALES = (-0.1, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 
 def load_inputs(folder: Path = INPUTS) -> tuple[torch.Tensor, list[dict]]:
     """The shipped held-out emoji: ``inputs.png`` (a strip of 32x32 tiles) and ``inputs.json``."""
+    import numpy as np
     from PIL import Image
 
     meta = json.loads((folder / "inputs.json").read_text())
-    strip = torch.from_numpy(__import__("numpy").asarray(Image.open(folder / "inputs.png").convert("RGB"))).float() / 255
+    strip = torch.from_numpy(np.array(Image.open(folder / "inputs.png").convert("RGB"))).float() / 255
     size = meta["image_size"]
     tiles = [strip[:, i * size:(i + 1) * size].permute(2, 0, 1) for i in range(len(meta["items"]))]
     return torch.stack(tiles), meta["items"]

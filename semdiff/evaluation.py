@@ -22,7 +22,6 @@ Metrics (images in [0, 1]):
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -122,7 +121,7 @@ def _fit_logreg(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, m
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, *,
                  l2_grid: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1), val_fraction: float = 0.2, seed: int = 0,
-                 max_iter: int = 200) -> dict[str, float]:
+                 max_iter: int = 100) -> dict[str, float]:
     """Accuracy on the test rows of a multinomial logistic regression fitted on the train rows.
 
     Features are standardised with the train statistics; the L2 strength is chosen on a random

@@ -49,6 +49,21 @@ def _env():
 # ------------------------------------------------------------------------------------------------
 
 
+def test_timestep_weights():
+    from semdiff.sampling import DiffusionSchedule
+    from semdiff.training.objectives import timestep_weights
+
+    sched = DiffusionSchedule.from_name("linear", 1000)
+    assert timestep_weights(sched, "uniform") is None
+    for spec in ("snr-trunc:20", "x0-mix:1000"):
+        w = timestep_weights(sched, spec)
+        assert w.shape == (1000,) and abs(float(w.mean()) - 1) < 1e-5
+        assert w[900] > w[100]  # noisier steps weigh more
+    assert float(timestep_weights(sched, "x0-mix:1000").min()) >= 0.5 - 1e-6  # every t keeps half its weight
+    with pytest.raises(ValueError):
+        timestep_weights(sched, "cubic")
+
+
 def test_loss_decreases_on_a_fixed_batch():
     cfg = tiny("unused", classifier_steps=0)
     data = load_data("shapes", 16, limit=8, holdout=0.0, split="all")
@@ -122,11 +137,13 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    # the auxiliary decoder and the loss weighting are on, so their state is covered by the resume too
     args = ["--preset", "tiny", "--steps", "100", "--prior-steps", "20", "--classifier-steps", "10",
-            "--ckpt-every", "10", "--data-limit", "96", "--num-threads", "1", "--no-progress"]
+            "--ckpt-every", "10", "--data-limit", "96", "--num-threads", "1", "--no-progress",
+            "--aux-decoder-weight", "0.5", "--loss-weighting", "x0-mix:100"]
     full = train(TrainConfig.from_preset("tiny", out=str(tmp_path / "full"), steps=100, prior_steps=20,
                                          classifier_steps=10, ckpt_every=10, data_limit=96, num_threads=1,
-                                         progress=False))
+                                         progress=False, aux_decoder_weight=0.5, loss_weighting="x0-mix:100"))
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "semdiff", "train", *args, "--out", str(out)], env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -149,8 +166,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert not (out / "model").exists(), "the run finished before the kill"
-    state = ckpt.read_checkpoint(ckpt.latest_checkpoint(out))["state"]
-    assert state["stage_index"] == 0 and state["step"] < 100
+    last = ckpt.read_checkpoint(ckpt.latest_checkpoint(out))
+    assert last["state"]["stage_index"] == 0 and last["state"]["step"] < 100
+    assert last["aux"] is not None
     # resume through the CLI: the saved config is used
     from semdiff.cli import main
 

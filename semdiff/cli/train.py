@@ -42,6 +42,10 @@ def register(subparsers) -> None:
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--ema-decay", type=float)
     p.add_argument("--grad-clip", type=float)
+    p.add_argument("--aux-decoder-weight", type=float, help="weight of the auxiliary z_sem -> image decoder loss "
+                                                           "(0: the paper's objective)")
+    p.add_argument("--encoder-lr-scale", type=float, help="learning-rate multiplier of the semantic encoder")
+    p.add_argument("--loss-weighting", help="uniform | snr-trunc:<max> (per-timestep weights of the eps-MSE)")
     p.add_argument("--seed", type=int)
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast on the GPU (default no)")
     p.add_argument("--ckpt-every", type=int, help="steps between checkpoints")
@@ -88,7 +92,8 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_evaluate)
 
 
-def _config_from_args(args) -> "TrainConfig":  # noqa: F821
+def _config_from_args(args):
+    """A ``TrainConfig`` from the parsed arguments (the preset's values, then the given ones)."""
     from semdiff.training import TrainConfig
 
     if args.resume and args.out:
@@ -112,7 +117,9 @@ def _config_from_args(args) -> "TrainConfig":  # noqa: F821
         steps=args.steps, prior_steps=args.prior_steps, classifier_steps=args.classifier_steps,
         batch_size=args.batch_size, prior_batch_size=args.prior_batch_size, lr=args.lr, prior_lr=args.prior_lr,
         classifier_lr=args.classifier_lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-        ema_decay=args.ema_decay, grad_clip=args.grad_clip, seed=args.seed, mixed_precision=args.mixed_precision,
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, loss_weighting=args.loss_weighting, seed=args.seed,
+        encoder_lr_scale=args.encoder_lr_scale, aux_decoder_weight=args.aux_decoder_weight,
+        mixed_precision=args.mixed_precision,
         ckpt_every=args.ckpt_every, keep_checkpoints=args.keep_checkpoints, sample_every=args.sample_every,
         log_every=args.log_every, holdout=args.holdout, data_limit=args.data_limit, attribute_labels=labels,
         resume=args.resume, device=args.device, num_threads=args.num_threads, distributed=args.distributed,

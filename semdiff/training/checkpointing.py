@@ -3,6 +3,7 @@
 A checkpoint is a folder ``<out>/checkpoints/ckpt-<global step>/`` holding
 
 - ``model.safetensors`` / ``ema.safetensors``: the weights (and buffers) of the model and its EMA;
+- ``aux.safetensors``: modules the objective trains but does not export (if any);
 - ``optimizer.safetensors``: the optimizer's per-parameter state flattened to
   ``state.<param index>.<name>`` tensors (its param groups go into ``state.json``);
 - ``rng-rank<r>.safetensors``: each process's torch RNG states (CPU, and CUDA when used);
@@ -122,10 +123,12 @@ def write_rank_rng(tmp: Path, rank: int, device: torch.device) -> None:
 
 def commit_checkpoint(out: Path, tmp: Path, global_step: int, *, model: dict[str, torch.Tensor],
                       ema: dict[str, torch.Tensor], optimizer: dict[str, Any] | None, state: dict[str, Any],
-                      keep: int = 2) -> Path:
+                      keep: int = 2, aux: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the weights and ``state.json`` into ``tmp``, move it into place, prune old checkpoints."""
     save_tensors(tmp / "model.safetensors", model)
     save_tensors(tmp / "ema.safetensors", ema)
+    if aux:
+        save_tensors(tmp / "aux.safetensors", aux)
     state = dict(state)
     if optimizer is not None:
         tensors, meta = flatten_optimizer_state(optimizer)
@@ -209,6 +212,7 @@ def read_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
     out["ema"] = load_tensors(path / "ema.safetensors")
     if (path / "optimizer.safetensors").is_file() and "optimizer" in state:
         out["optimizer"] = unflatten_optimizer_state(load_tensors(path / "optimizer.safetensors"), state["optimizer"])
+    out["aux"] = load_tensors(path / "aux.safetensors") if (path / "aux.safetensors").is_file() else None
     rng = path / f"rng-rank{rank}.safetensors"
     out["rng"] = load_tensors(rng) if rng.is_file() else None
     return out

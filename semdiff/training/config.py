@@ -39,6 +39,14 @@ class TrainConfig:
     ema_decay: float = 0.999
     prior_ema_decay: float = 0.999
     grad_clip: float = 1.0
+    #: per-timestep weights of the autoencoder's eps-MSE: "uniform" (the papers), or "snr-trunc:<max>":
+    #: ``clamp(1 / SNR(t), 1, max)`` normalised to mean 1, the x0-space error for noisy t, capped
+    loss_weighting: str = "uniform"
+    #: learning-rate multiplier of the semantic encoder in the autoencoder stage
+    encoder_lr_scale: float = 1.0
+    #: weight of an auxiliary loss: a small decoder (discarded after training) reconstructs the image from
+    #: z_sem alone, which makes z_sem informative from the first steps; 0 = the papers' objective
+    aux_decoder_weight: float = 0.0
     mixed_precision: str = "no"  # no | bf16 | fp16 (autocast on the GPU)
     seed: int = 0
     # data
@@ -116,15 +124,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # the shipped semdiff-emoji32-diffae: about an hour on 2 idle CPU cores
     "emoji32": dict(
-        data="emoji", image_size=32, steps=4000, prior_steps=6000, classifier_steps=2000,
+        data="emoji", image_size=32, steps=6000, prior_steps=6000, classifier_steps=2000,
         batch_size=32, prior_batch_size=256, classifier_batch_size=256,
         lr=3e-4, prior_lr=3e-4, classifier_lr=1e-3, warmup_steps=200, ema_decay=0.999, prior_ema_decay=0.999,
         grad_clip=1.0, holdout=0.1, ckpt_every=250, sample_every=1000, log_every=25,
+        # a CPU budget is ~1/500 of the papers' training: these three make z_sem informative and used in time
+        loss_weighting="x0-mix:1000", aux_decoder_weight=1.0,
         attribute_labels=["skin_tone", "group"],
         model={"network": dict(model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=1,
                                attention_resolutions=[8], embed_channels=128, z_dim=128,
                                enc_channel_mult=[1, 2, 4, 4], enc_num_res_blocks=1, dropout=0.0),
                "latent_prior": dict(hidden_channels=384, num_layers=5, time_emb_channels=64),
+               "beta_schedule": "cosine",
                "default_steps": {"encode_stochastic": 50, "decode": 20, "manipulate": 20, "prior": 50}},
     ),
     # the same recipe on the procedural shapes

@@ -18,6 +18,7 @@ DiffuseVAE and LRDM plug in by registering their own objective.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -67,11 +68,17 @@ class TrainingObjective:
     def stage_data(self, stage: Stage, model: nn.Module, data: TrainData, device: torch.device) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def trainable_parameters(self, stage: Stage, model: nn.Module) -> list[nn.Parameter]:
+    def trainable_parameters(self, stage: Stage, model: nn.Module) -> list[nn.Parameter] | list[dict[str, Any]]:
+        """Parameters, or param groups ``{"params": [...], "lr_scale": k}`` (lr = stage lr * k)."""
         raise NotImplementedError
 
     def loss_module(self, stage: Stage, model: nn.Module) -> nn.Module:
         raise NotImplementedError
+
+    def auxiliary(self) -> nn.Module | None:
+        """Modules that are trained but not exported (e.g. an auxiliary decoder); built by ``build_model``.
+        The trainer moves them to the device and keeps them in checkpoints (``aux.safetensors``)."""
+        return None
 
     def preview(self, stage: Stage, model: nn.Module, batch: dict[str, torch.Tensor],
                 generator: torch.Generator, steps: int = 20) -> list[tuple[str, torch.Tensor]]:
@@ -80,15 +87,18 @@ class TrainingObjective:
 
 
 class LossModule(nn.Module):
-    """Holds the model (so DDP sees its parameters) and a loss function of ``(model, **batch)``."""
+    """Holds the model and the objective's auxiliary modules (so DDP sees all their parameters) and a
+    loss function ``fn(model, aux, **batch) -> (loss, logs)``."""
 
-    def __init__(self, model: nn.Module, fn: Callable[..., tuple[torch.Tensor, dict[str, Any]]]):
+    def __init__(self, model: nn.Module, fn: Callable[..., tuple[torch.Tensor, dict[str, Any]]],
+                 aux: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.aux = aux
         self.fn = fn
 
     def forward(self, **batch):
-        return self.fn(self.model, **batch)
+        return self.fn(self.model, self.aux, **batch)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -100,19 +110,74 @@ def _images_to_model(images: torch.Tensor) -> torch.Tensor:
     return x * 2 - 1
 
 
-def diffae_autoencoder_loss(model, images: torch.Tensor):
-    """eps-MSE of the z_sem-conditioned UNet, encoder trained jointly (Diff-AE eq. 7)."""
+def timestep_weights(schedule, spec: str = "uniform") -> torch.Tensor | None:
+    """Weights (T,) of the per-timestep eps-MSE, mean 1; ``None`` for uniform.
+
+    ``snr-trunc:<max>``: ``clamp(1 / SNR(t), 1, max)``. For noisy t the eps error is tiny while the error
+    of the implied x0 is ``eps error / SNR``; weighting by 1/SNR (capped) makes the network learn to use
+    z_sem at high noise, which decoding from z_sem alone and sampling need, far sooner than uniform
+    weights do.
+    """
+    if spec in ("uniform", "", None):
+        return None
+    abar = schedule.alphas_cumprod
+    inv_snr = (1 - abar) / abar
+    if spec.startswith("snr-trunc:"):
+        w = inv_snr.clamp(1.0, float(spec.split(":", 1)[1]))
+        return (w / w.mean()).float()
+    if spec.startswith("x0-mix:"):
+        # half uniform eps-MSE, half the x0-space error (1/SNR, capped): every t keeps at least half its weight
+        x0 = inv_snr.clamp(max=float(spec.split(":", 1)[1]))
+        w = 1.0 + x0 / x0.mean()
+        return (w / w.mean()).float()
+    raise ValueError(f"unknown loss weighting {spec!r}: use 'uniform', 'snr-trunc:<max>' or 'x0-mix:<max>'")
+
+
+def diffae_autoencoder_loss(model, images: torch.Tensor, weights: torch.Tensor | None = None,
+                            aux: nn.Module | None = None, aux_weight: float = 0.0):
+    """eps-MSE of the z_sem-conditioned UNet, encoder trained jointly (Diff-AE eq. 7), t ~ U{0..T-1};
+    optionally weighted per timestep (see :func:`timestep_weights`), optionally plus ``aux_weight`` times the
+    MSE of an auxiliary decoder that reconstructs x0 from z_sem alone."""
     x0 = _images_to_model(images)
     t = torch.randint(0, model.num_timesteps, (x0.shape[0],), device=x0.device)
     noise = torch.randn_like(x0)
     x_t = model.schedule.q_sample(x0, t, noise)
     z = model.encoder(x0)
     eps = model.unet(x_t, t, z)
-    loss = F.mse_loss(eps.float(), noise)
-    return loss, {"loss": loss.detach()}
+    per_item = (eps.float() - noise).pow(2).flatten(1).mean(1)
+    mse = per_item.mean()
+    loss = mse if weights is None else (per_item * weights.to(per_item.device)[t]).mean()
+    logs = {"mse": mse.detach()}
+    if aux is not None and aux_weight > 0:
+        rec = F.mse_loss(aux(z).float(), x0)
+        loss = loss + aux_weight * rec
+        logs["aux_mse"] = rec.detach()
+    logs["loss"] = loss.detach()
+    return loss, logs
 
 
-def diffae_prior_loss(model, codes: torch.Tensor):
+class AuxDecoder(nn.Module):
+    """A small deterministic decoder z_sem -> image, used only during training (see ``aux_decoder_weight``)."""
+
+    def __init__(self, z_dim: int, image_size: int, channels: int = 128):
+        super().__init__()
+        levels = max(0, int(round(math.log2(image_size / 4))))
+        if 4 * 2**levels != image_size:
+            raise ValueError(f"the auxiliary decoder needs image_size = 4 * 2^k, got {image_size}")
+        layers: list[nn.Module] = [nn.Linear(z_dim, channels * 16), nn.Unflatten(1, (channels, 4, 4)), nn.SiLU()]
+        ch = channels
+        for _ in range(levels):
+            out = max(32, ch // 2)
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(ch, out, 3, padding=1), nn.GroupNorm(8, out), nn.SiLU()]
+            ch = out
+        layers.append(nn.Conv2d(ch, 3, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+def diffae_prior_loss(model, aux, codes: torch.Tensor):
     """L1 eps loss of the latent DDIM (the official latent recipe), on normalised codes."""
     t = torch.randint(0, model.num_timesteps, (codes.shape[0],), device=codes.device)
     noise = torch.randn_like(codes)
@@ -122,7 +187,7 @@ def diffae_prior_loss(model, codes: torch.Tensor):
     return loss, {"loss": loss.detach()}
 
 
-def diffae_classifier_loss(model, codes: torch.Tensor, targets: torch.Tensor):
+def diffae_classifier_loss(model, aux, codes: torch.Tensor, targets: torch.Tensor):
     """Multi-label BCE of the linear classifier on normalised codes."""
     logits = model.classifier(codes)
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
@@ -149,6 +214,9 @@ class DiffAEObjective(TrainingObjective):
     def build_model(self, config: TrainConfig, data: TrainData) -> nn.Module:
         from semdiff.families.diffae import DiffAE
 
+        self.loss_weighting = config.loss_weighting
+        self.encoder_lr_scale = float(config.encoder_lr_scale)
+        self.aux_weight = float(config.aux_decoder_weight)
         spec = config.resolved_model()
         network = dict(spec.get("network", {}))
         network["image_size"] = config.image_size
@@ -170,7 +238,12 @@ class DiffAEObjective(TrainingObjective):
             family_config["attribute_groups"] = groups
         else:
             family_config["attributes"] = []
-        return DiffAE(family_config)
+        model = DiffAE(family_config)
+        self.aux_decoder = AuxDecoder(z_dim, config.image_size) if self.aux_weight > 0 and config.steps > 0 else None
+        return model
+
+    def auxiliary(self):
+        return getattr(self, "aux_decoder", None)
 
     def stages(self, config: TrainConfig) -> list[Stage]:
         return [
@@ -214,14 +287,23 @@ class DiffAEObjective(TrainingObjective):
 
     def trainable_parameters(self, stage, model):
         if stage.name == "autoencoder":
-            return [*model.encoder.parameters(), *model.unet.parameters()]
+            scale = getattr(self, "encoder_lr_scale", 1.0)
+            groups = [{"params": list(model.encoder.parameters()), "lr_scale": scale},
+                      {"params": list(model.unet.parameters()), "lr_scale": 1.0}]
+            if self.auxiliary() is not None:
+                groups.append({"params": list(self.auxiliary().parameters()), "lr_scale": 1.0})
+            return groups
         if stage.name == "prior":
             return list(model.latent_net.parameters())
         return list(model.classifier.parameters())
 
     def loss_module(self, stage, model):
-        fn = {"autoencoder": diffae_autoencoder_loss, "prior": diffae_prior_loss,
-              "classifier": diffae_classifier_loss}[stage.name]
+        if stage.name == "autoencoder":
+            weights = timestep_weights(model.schedule, getattr(self, "loss_weighting", "uniform"))
+            aux_weight = getattr(self, "aux_weight", 0.0)
+            return LossModule(model, lambda m, aux, images: diffae_autoencoder_loss(m, images, weights, aux, aux_weight),
+                              aux=self.auxiliary())
+        fn = {"prior": diffae_prior_loss, "classifier": diffae_classifier_loss}[stage.name]
         return LossModule(model, fn)
 
     @torch.no_grad()

@@ -19,11 +19,9 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def accelerate_available() -> bool:
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is not None
 
 
 class Runtime:

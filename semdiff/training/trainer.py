@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
-import os
 import sys
 import time
 import warnings
@@ -168,6 +166,9 @@ class Trainer:
         objective: TrainingObjective = get_objective(cfg.family)
         torch.manual_seed(cfg.seed)
         model = objective.build_model(cfg, data).to(rt.device)
+        aux = objective.auxiliary()
+        if aux is not None:
+            aux.to(rt.device)
         ema = EMA(model)
         stages = objective.stages(cfg)
         offsets = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
@@ -178,6 +179,8 @@ class Trainer:
             loaded = ckpt.read_checkpoint(latest, rt.rank)
             model.load_state_dict(loaded["model"])
             ema.model.load_state_dict(loaded["ema"])
+            if aux is not None and loaded.get("aux") is not None:
+                aux.load_state_dict(loaded["aux"])
             start_stage, start_step = loaded["state"]["stage_index"], loaded["state"]["step"]
             elapsed = dict(loaded["state"].get("elapsed", {}))
             self._say(f"resuming from {latest} (stage {start_stage}, step {start_step})")
@@ -203,13 +206,18 @@ class Trainer:
             stage_data = objective.stage_data(stage, model, data, rt.device)
             if not resuming:
                 ema.model.load_state_dict(model.state_dict())
-            params = objective.trainable_parameters(stage, model)
+            groups = objective.trainable_parameters(stage, model)
+            if groups and not isinstance(groups[0], dict):
+                groups = [{"params": list(groups), "lr_scale": 1.0}]
+            params = [p for g in groups for p in g["params"]]
             model.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
             names = {n for n, p in model.named_parameters() if p.requires_grad}
             model.train()
-            optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
+            optimizer = torch.optim.AdamW(
+                [{"params": g["params"], "lr": stage.lr * g.get("lr_scale", 1.0), "lr_scale": g.get("lr_scale", 1.0)}
+                 for g in groups], lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
             if resuming and loaded.get("optimizer") is not None:
                 optimizer.load_state_dict(loaded["optimizer"])
             wrapped, opt = rt.prepare(objective.loss_module(stage, model), optimizer)
@@ -236,7 +244,7 @@ class Trainer:
             for step in range(first, stage.steps):
                 lr = stage.lr * min(1.0, (step + 1) / stage.warmup_steps) if stage.warmup_steps else stage.lr
                 for group in raw_opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 idx = sampler.indices(step)
                 batch = {k: v[idx].to(rt.device, non_blocking=True) for k, v in stage_data.items()}
                 with rt.autocast():
@@ -274,11 +282,11 @@ class Trainer:
                 if done == stage.steps:
                     elapsed[stage.name] = elapsed.get(stage.name, 0.0) + time.time() - t_stage
                     t_stage = time.time()
-                    self._checkpoint(cfg, offsets[si] + done, si + 1, 0, model, ema, None, elapsed)
+                    self._checkpoint(cfg, offsets[si] + done, si + 1, 0, model, ema, None, elapsed, aux)
                 elif done % cfg.ckpt_every == 0:
                     elapsed[stage.name] = elapsed.get(stage.name, 0.0) + time.time() - t_stage
                     t_stage = time.time()
-                    self._checkpoint(cfg, offsets[si] + done, si, done, model, ema, raw_opt, elapsed)
+                    self._checkpoint(cfg, offsets[si] + done, si, done, model, ema, raw_opt, elapsed, aux)
                 if cfg.sample_every and done % cfg.sample_every == 0 and done != stage.steps:
                     self._preview(objective, stage, ema.model, preview_batch, cfg, done)
             if bar is not None:
@@ -304,7 +312,7 @@ class Trainer:
         return folder
 
     # ------------------------------------------------------------------------------------------
-    def _checkpoint(self, cfg, global_step, stage_index, step, model, ema, optimizer, elapsed) -> None:
+    def _checkpoint(self, cfg, global_step, stage_index, step, model, ema, optimizer, elapsed, aux=None) -> None:
         rt = self.runtime
         tmp = ckpt.tmp_checkpoint_path(self.out, global_step)
         if rt.is_main:
@@ -317,7 +325,8 @@ class Trainer:
                      "world_size": rt.world_size, "scaler": rt.scaler_state(), "time": time.time()}
             ckpt.commit_checkpoint(self.out, tmp, global_step, model=model.state_dict(), ema=ema.state_dict(),
                                    optimizer=optimizer.state_dict() if optimizer is not None else None,
-                                   state=state, keep=cfg.keep_checkpoints)
+                                   state=state, keep=cfg.keep_checkpoints,
+                                   aux=aux.state_dict() if aux is not None else None)
         rt.barrier()
 
     def _preview(self, objective, stage: Stage, model, batch, cfg: TrainConfig, step: int) -> None:
@@ -358,7 +367,10 @@ def training_record(cfg: TrainConfig, data: TrainData, elapsed: dict[str, float]
         "seed": cfg.seed,
         "stages": {
             "autoencoder": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
-                            "warmup_steps": cfg.warmup_steps, "loss": "eps MSE"},
+                            "warmup_steps": cfg.warmup_steps, "encoder_lr_scale": cfg.encoder_lr_scale,
+                            "aux_decoder_weight": cfg.aux_decoder_weight,
+                            "loss": "eps MSE" + ("" if cfg.loss_weighting == "uniform"
+                                                 else f", timestep weights {cfg.loss_weighting}")},
             "prior": {"steps": cfg.prior_steps, "batch_size": cfg.prior_batch_size, "lr": cfg.prior_lr,
                       "ema_decay": cfg.prior_ema_decay, "loss": "eps L1 on normalised codes"},
             "classifier": {"steps": cfg.classifier_steps, "batch_size": cfg.classifier_batch_size,
