@@ -72,6 +72,8 @@ class TrainConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "TrainConfig":
         """The preset's values, then ``overrides`` (``None`` values are ignored); ``model`` is deep-merged."""
         if name not in PRESETS:
+            load_family_presets()
+        if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
         values = copy.deepcopy(PRESETS[name])
         model_overrides = overrides.pop("model", None) or {}
@@ -92,6 +94,8 @@ class TrainConfig:
 
     def resolved_model(self) -> dict[str, Any]:
         """The family config: the preset's model (when ``model`` is empty and a preset is named) merged with ``model``."""
+        if self.preset and self.preset not in PRESETS:
+            load_family_presets()
         base = PRESETS.get(self.preset or "", {}).get("model", {}) if self.preset else {}
         return deep_merge(base, self.model)
 
@@ -159,3 +163,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                "latent_prior": dict(hidden_channels=2048, num_layers=10, time_emb_channels=64)},
     ),
 }
+
+
+def register_preset(name: str, values: dict[str, Any]) -> None:
+    """Add a preset (a family's training module registers its own: ``values["family"]`` names the family)."""
+    if name in PRESETS and PRESETS[name] != values:
+        raise ValueError(f"preset {name!r} is already registered with other values")
+    PRESETS[name] = values
+
+
+def load_family_presets() -> None:
+    """Import every family's ``training`` module, which registers the family's presets and objective."""
+    import importlib
+
+    for family in ("diffae", "diffusevae", "lrdm"):
+        try:
+            importlib.import_module(f"semdiff.families.{family}.training")
+        except ModuleNotFoundError as err:
+            if err.name != f"semdiff.families.{family}.training":
+                raise

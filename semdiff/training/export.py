@@ -107,9 +107,22 @@ def export_bundled(model_folder: str | Path, *, name: str = NAME, metrics_path: 
     elif (src / "README.md").is_file():
         shutil.copyfile(src / "README.md", dest / "README.md")
     config = json.loads((dest / "config.json").read_text())
-    entry = manifest_entry(dest, f"pretrained/{name}", config, metrics)
-    (dest_root / "manifest_entries.json").write_text(json.dumps({name: entry}, indent=2) + "\n")
+    entry = family_manifest_entry(config)(dest, f"pretrained/{name}", config, metrics)
+    fragment = dest_root / "manifest_entries.json"
+    entries = json.loads(fragment.read_text()) if fragment.is_file() else {}
+    entries[name] = entry
+    fragment.write_text(json.dumps(entries, indent=2) + "\n")
     return dest
+
+
+def family_manifest_entry(config: dict[str, Any]):
+    """``manifest_entry`` of the model's family: its ``semdiff.families.<family>.training`` may define its own."""
+    import importlib
+
+    family = config.get("family", "diffae")
+    if family == "diffae":
+        return manifest_entry
+    return getattr(importlib.import_module(f"semdiff.families.{family}.training"), "manifest_entry")
 
 
 def export_demo_inputs(dest: Path = PRETRAINED / "demo-emoji", *, holdout: float = 0.1, image_size: int = 32,
