@@ -292,3 +292,51 @@ def test_cli_errors(folder, image_files, tmp_path, capsys):
     bad.write_text("not an image")
     assert cli(["reconstruct", str(bad), "-o", str(tmp_path / "r"), *m]) == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_fast_recipes_through_the_high_level_api(model, images):
+    """inversion_options / decode options reach encode_stochastic / decode unchanged."""
+    z = model.encode(images)
+    x_T = model.encode_stochastic(images, z, steps=4, inverter="fixed-point", iterations=2)
+    direct = model.decode(z, x_T, steps=4, sampler="dpmsolver++")
+    rec = model.reconstruct(images, steps=4, inversion_steps=4,
+                            inversion_options={"inverter": "fixed-point", "iterations": 2}, sampler="dpmsolver++")
+    assert torch.equal(rec, direct)
+    official = model.reconstruct(images, steps=4, inversion_steps=4)
+    assert not torch.equal(rec, official)  # the options were not dropped
+    mid = model.interpolate(images[:1], images[1:2], num=3, steps=4, inversion_steps=4,
+                            inversion_options={"inverter": "fixed-point"}, sampler="unipc")
+    plain = model.interpolate(images[:1], images[1:2], num=3, steps=4, inversion_steps=4)
+    assert mid.shape == plain.shape and not torch.equal(mid, plain)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    s_unipc, zs, xs = model.sample(2, steps=4, prior_steps=2, generator=g(), return_codes=True,
+                                   decode_options={"sampler": "unipc"})
+    assert torch.equal(s_unipc, model.decode(zs, xs, steps=4, sampler="unipc"))
+    with pytest.raises(FeatureNotSupported, match="no option"):
+        model.reconstruct(images, steps=2, inversion_steps=2, temperature=0.5)
+
+
+def test_cli_fast_recipe_options(folder, image_files, tmp_path):
+    m = ["-m", str(folder), "--no-progress"]
+    args = [str(image_files), "--steps", "3", "--inversion-steps", "3", *m]
+    assert cli(["reconstruct", *args, "-o", str(tmp_path / "a.png")]) == 0
+    assert cli(["reconstruct", *args, "-o", str(tmp_path / "b.png"), "--inverter", "fixed-point",
+                "--sampler", "dpmsolver++"]) == 0
+    a = np.asarray(Image.open(tmp_path / "a.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "b.png"), dtype=np.int16)
+    assert a.shape == b.shape and np.abs(a - b).max() > 0
+
+
+def test_bf16_on_cpu_is_channels_last_and_fp32_is_not(folder):
+    from semdiff.api import cpu_has_bf16
+
+    fp32 = SemanticAutoencoder.from_pretrained(folder, progress=False)
+    conv = next(p for p in fp32.family.unet.parameters() if p.dim() == 4)
+    assert conv.is_contiguous()
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16")
+    fp32.to(dtype="bf16")
+    conv = next(p for p in fp32.family.unet.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    fp32.to(dtype=torch.float32)
+    assert next(p for p in fp32.family.unet.parameters() if p.dim() == 4).is_contiguous()

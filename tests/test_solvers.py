@@ -269,3 +269,29 @@ def test_shipped_model_fast_recipe_and_bf16():
             assert psnr(fast16, fast).mean() > 40
     finally:
         torch.set_num_threads(threads)
+
+
+def test_auto_attention_is_the_official_einsum_on_cpu_and_bitwise_equal_to_sdpa():
+    from semdiff.nn import attention
+
+    qkv = torch.randn(2, 3 * 4 * 16, 64, generator=torch.Generator().manual_seed(0))
+    previous = attention.get_attention_backend()
+    try:
+        out = {}
+        for name in ("auto", "reference", "sdpa"):
+            attention.set_attention_backend(name)
+            out[name] = attention.legacy_qkv_attention(qkv, 4)
+    finally:
+        attention.set_attention_backend(previous)
+    assert previous == "auto"
+    assert torch.equal(out["auto"], out["reference"])
+    assert torch.allclose(out["sdpa"], out["reference"], atol=1e-6, rtol=0)
+
+
+def test_schedule_cumprod_is_computed_once():
+    from semdiff.sampling import DiffusionSchedule
+
+    s = DiffusionSchedule.from_name("linear", 1000)
+    assert s.alphas_cumprod is s.alphas_cumprod
+    assert torch.equal(s.alphas_cumprod, torch.cumprod(1 - s.betas, 0))
+    assert s.abar(-1) == 1.0 and s.abar(1000) == 0.0 and s.abar(10) == float(torch.cumprod(1 - s.betas, 0)[10])

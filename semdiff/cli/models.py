@@ -25,9 +25,21 @@ def _model_args(p) -> None:
 
 def _steps_args(p, *, inversion: bool = True) -> None:
     p.add_argument("--steps", type=int, default=None, help="decoding steps (default: the model's)")
+    p.add_argument("--sampler", default=None, help="decoding sampler where the family has several "
+                                                     "(Diff-AE: ddim, dpmsolver++, unipc)")
     if inversion:
         p.add_argument("--inversion-steps", type=int, default=None, help="DDIM inversion steps (default: the model's)")
+        p.add_argument("--inverter", default=None, help="inversion method where the family has several "
+                                                         "(Diff-AE: ddim, fixed-point, dpmsolver++)")
     p.add_argument("--resize", action="store_true", help="resize + centre-crop inputs of another size")
+
+
+def _decode_options(args) -> dict:
+    return {"sampler": args.sampler} if getattr(args, "sampler", None) else {}
+
+
+def _inversion_options(args) -> dict:
+    return {"inverter": args.inverter} if getattr(args, "inverter", None) else {}
 
 
 def load_model(args):
@@ -100,7 +112,7 @@ def cmd_reconstruct(args) -> int:
     model = load_model(args)
     files = expand_images(args.images)
     recon = model.reconstruct([str(f) for f in files], steps=args.steps, inversion_steps=args.inversion_steps,
-                              resize=args.resize)
+                              inversion_options=_inversion_options(args), resize=args.resize, **_decode_options(args))
     _save_outputs(recon, args.out, [f.stem for f in files])
     return 0
 
@@ -108,14 +120,16 @@ def cmd_reconstruct(args) -> int:
 def cmd_interpolate(args) -> int:
     model = load_model(args)
     images = model.interpolate(args.image_a, args.image_b, num=args.num, steps=args.steps,
-                               inversion_steps=args.inversion_steps, resize=args.resize)
+                               inversion_steps=args.inversion_steps, inversion_options=_inversion_options(args),
+                               resize=args.resize, **_decode_options(args))
     _save_outputs(images, args.out, None, nrow=args.num)
     return 0
 
 
 def cmd_sample(args) -> int:
     model = load_model(args)
-    images = model.sample(args.n, steps=args.steps, prior_steps=args.prior_steps, generator=_generator(args))
+    images = model.sample(args.n, steps=args.steps, prior_steps=args.prior_steps, generator=_generator(args),
+                          decode_options=_decode_options(args))
     _save_outputs(images, args.out, None)
     return 0
 
@@ -139,16 +153,18 @@ def cmd_manipulate(args) -> int:
         model.family.attribute_direction(name)  # clear error for unknown names before any work
     x = [str(f) for f in files]
     z = model.encode(x, resize=args.resize)
-    x_T = model.encode_stochastic(x, z, steps=args.inversion_steps, resize=args.resize)
+    x_T = model.encode_stochastic(x, z, steps=args.inversion_steps, resize=args.resize, **_inversion_options(args))
+    opts = _decode_options(args)
     if args.sweep:
         sweep = [float(s) for s in args.sweep.split(",")]
-        columns = [model.manipulate((z, x_T), {k: s for k in scales}, steps=args.steps, keep=args.keep) for s in sweep]
+        columns = [model.manipulate((z, x_T), {k: s for k in scales}, steps=args.steps, keep=args.keep, **opts)
+                   for s in sweep]
         grid = torch.stack(columns, dim=1).flatten(0, 1)  # rows: images, columns: scales
         _save_outputs(grid, args.out if args.out.endswith(".png") else os.path.join(args.out, "sweep.png"), None,
                       nrow=len(sweep))
         return 0
-    before = model.decode(z, x_T, steps=args.steps)
-    after = model.manipulate((z, x_T), scales, steps=args.steps, keep=args.keep)
+    before = model.decode(z, x_T, steps=args.steps, **opts)
+    after = model.manipulate((z, x_T), scales, steps=args.steps, keep=args.keep, **opts)
     strip = torch.stack([before, after], dim=1).flatten(0, 1)  # before | after per row
     _save_outputs(strip, args.out if args.out.endswith(".png") else os.path.join(args.out, "manipulate.png"), None,
                   nrow=2)

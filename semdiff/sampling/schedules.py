@@ -70,9 +70,13 @@ class DiffusionSchedule:
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
+    def __post_init__(self):
+        # computed once: samplers read it at every step
+        object.__setattr__(self, "_alphas_cumprod", torch.cumprod(1.0 - self.betas, dim=0))
+
     @property
     def alphas_cumprod(self) -> torch.Tensor:
-        return torch.cumprod(1.0 - self.betas, dim=0)
+        return self._alphas_cumprod
 
     def abar(self, t: int) -> float:
         """abar at an original timestep as a Python float64; -1 -> 1.0, T -> 0.0."""
