@@ -551,6 +551,8 @@ def bench_end_to_end(variants: Variants, modes: list[Mode], steps: dict[str, int
     modes = [m for m in modes if m.compile is None and m.weights == "float32"]  # what the API can run
     models = {m.name: SemanticAutoencoder(variants.family(m), device=device, progress=False,
                                           dtype=None if m.dtype == "float32" else m.torch_dtype) for m in modes}
+    for m in modes:  # the API makes bf16 channels-last on CPUs; the mode decides here
+        models[m.name].family.to(memory_format=CL if m.channels_last else torch.contiguous_format)
     opts = {}
     if recipe is not None:
         opts = {"inverter": recipe["inverter"]}
@@ -779,8 +781,7 @@ def bench_folder_throughput(spec: str, device: torch.device, modes: list[Mode], 
         for mode in [m for m in modes if m.name in ("reference", "sdpa", "bf16", "bf16+cl") and m.compile is None]:
             model = SemanticAutoencoder.from_pretrained(model_dir, device=device, progress=False,
                                                         dtype=None if mode.dtype == "float32" else mode.torch_dtype)
-            if mode.channels_last:
-                model.family.to(memory_format=CL)
+            model.family.to(memory_format=CL if mode.channels_last else torch.contiguous_format)
             from semdiff.nn.attention import set_attention_backend
 
             set_attention_backend(mode.attention)
@@ -789,7 +790,7 @@ def bench_folder_throughput(spec: str, device: torch.device, modes: list[Mode], 
                 res = extract_features(model, str(folder), Path(tmp) / "codes.safetensors", resume=False,
                                        progress=False)
                 dt = time.perf_counter() - t0
-            set_attention_backend("sdpa")
+            set_attention_backend("auto")
             bs = getattr(res, "batch_size", None)
             rows.append({"what": "extract_features (semantic codes)", "mode_name": mode.name, "images": n,
                          "seconds": dt, "images_per_s": n / dt, "batch_size": bs})
