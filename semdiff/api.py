@@ -352,14 +352,14 @@ class SemanticAutoencoder:
         return {name: probs[:, i] for i, name in enumerate(self.family.attribute_names)}
 
     def manipulate(self, images_or_codes: Any, attribute: str | dict[str, float], scale: float = 0.3,
-                   steps: int | None = None, *, keep: Sequence[str] | None = None,
+                   steps: int | None = None, *, keep: Sequence[str] | str | None = None,
                    inversion_steps: int | None = None, inversion_options: dict[str, Any] | None = None,
                    output_type: str = "pt", resize: bool = False, progress: bool | None = None, **decode_options):
         """Move images (inverted first) or ``(z, x_T)`` codes along attribute directions and decode.
 
         ``attribute`` is a name (with ``scale``) or ``{name: scale}`` for several at once. ``keep``
-        lists attributes to hold fixed: the edit direction is made orthogonal to their classifier
-        weights. The step of the official recipe is ``scale * sqrt(code_dim)`` in the normalised space.
+        lists attributes to hold fixed, or ``"others"`` for every known attribute of another label: the
+        edit direction is made orthogonal to their classifier weights. The step of the official recipe is ``scale * sqrt(code_dim)`` in the normalised space.
         """
         scales = {attribute: float(scale)} if isinstance(attribute, str) else {k: float(v) for k, v in attribute.items()}
         for name in scales:
@@ -374,7 +374,7 @@ class SemanticAutoencoder:
             x_T = self.encode_stochastic(x01, z, steps=inversion_steps, progress=progress,
                                          **(inversion_options or {}))
         with torch.inference_mode():
-            z_edit = self.family.edit_codes(z, scales, keep=list(keep or []))
+            z_edit = self.family.edit_codes(z, scales, keep=keep if isinstance(keep, str) else list(keep or []))
         return self.decode(z_edit, x_T, steps=self._steps("manipulate", steps), output_type=output_type,
                            progress=progress, **decode_options)
 

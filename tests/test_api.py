@@ -340,3 +340,29 @@ def test_bf16_on_cpu_is_channels_last_and_fp32_is_not(folder):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     fp32.to(dtype=torch.float32)
     assert next(p for p in fp32.family.unet.parameters() if p.dim() == 4).is_contiguous()
+
+
+def test_keep_others(model, fx):
+    fam = model.family
+    others = fam.resolve_keep({"Smiling": 1.0}, "others")
+    assert "Smiling" not in others and len(others) == len(model.attributes) - 1
+    # one-hot siblings of the edited label are not held (they must move for the edit to happen)
+    saved = dict(fam.config)
+    fam.config["attribute_groups"] = {"hair": ["Black_Hair", "Blond_Hair", "Brown_Hair"]}
+    try:
+        kept = fam.resolve_keep({"Blond_Hair": 1.0}, "others")
+        assert "Black_Hair" not in kept and "Brown_Hair" not in kept and "Smiling" in kept
+    finally:
+        fam.config.clear()
+        fam.config.update(saved)
+    assert fam.resolve_keep({"Smiling": 1.0}, ["Male"]) == ["Male"]
+    if model.code_dim <= len(others):
+        # 39 kept directions span (nearly) the whole code space: the user is told, not silently given a no-op
+        with pytest.warns(UserWarning, match="leaves only"):
+            fam.edit_codes(fx["z_sem"], {"Smiling": 1.0}, keep="others")
+    else:
+        z = fam.edit_codes(fx["z_sem"], {"Smiling": 1.0}, keep="others")
+        before, after = fam.classify(fx["z_sem"]), fam.classify(z)
+        for name in others:
+            i = model.attributes.index(name)
+            torch.testing.assert_close(after[:, i], before[:, i], atol=1e-3, rtol=0)

@@ -155,16 +155,17 @@ def cmd_manipulate(args) -> int:
     z = model.encode(x, resize=args.resize)
     x_T = model.encode_stochastic(x, z, steps=args.inversion_steps, resize=args.resize, **_inversion_options(args))
     opts = _decode_options(args)
+    keep = "others" if args.keep == ["others"] else args.keep
     if args.sweep:
         sweep = [float(s) for s in args.sweep.split(",")]
-        columns = [model.manipulate((z, x_T), {k: s for k in scales}, steps=args.steps, keep=args.keep, **opts)
+        columns = [model.manipulate((z, x_T), {k: s for k in scales}, steps=args.steps, keep=keep, **opts)
                    for s in sweep]
         grid = torch.stack(columns, dim=1).flatten(0, 1)  # rows: images, columns: scales
         _save_outputs(grid, args.out if args.out.endswith(".png") else os.path.join(args.out, "sweep.png"), None,
                       nrow=len(sweep))
         return 0
     before = model.decode(z, x_T, steps=args.steps, **opts)
-    after = model.manipulate((z, x_T), scales, steps=args.steps, keep=args.keep, **opts)
+    after = model.manipulate((z, x_T), scales, steps=args.steps, keep=keep, **opts)
     strip = torch.stack([before, after], dim=1).flatten(0, 1)  # before | after per row
     _save_outputs(strip, args.out if args.out.endswith(".png") else os.path.join(args.out, "manipulate.png"), None,
                   nrow=2)
@@ -209,7 +210,8 @@ def register(subparsers) -> None:
     p.add_argument("--attribute", "-a", action="append", required=True,
                    help="attribute name, or NAME=SCALE; repeat for several")
     p.add_argument("--scale", type=float, default=0.3)
-    p.add_argument("--keep", action="append", default=None, help="attribute to hold fixed (repeatable)")
+    p.add_argument("--keep", action="append", default=None, help="attribute to hold fixed (repeatable), or 'others': every "
+                                                                 "attribute of another label")
     p.add_argument("--sweep", default=None, help="comma-separated scales for a sweep grid (each column edits every attribute by that scale), "
                    "e.g. --sweep=-0.6,-0.3,0,0.3,0.6")
     p.add_argument("--out", "-o", required=True, help="output .png (or folder)")

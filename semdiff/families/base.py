@@ -173,15 +173,37 @@ class Family(nn.Module):
         w = self.classifier.weight[self.attribute_names.index(name)]
         return w / w.norm()
 
-    def edit_codes(self, z: torch.Tensor, scales: dict[str, float], *, keep: list[str] | None = None) -> torch.Tensor:
+    def attribute_label_of(self, name: str) -> str:
+        """The label an attribute was made from (one-hot siblings such as ``skin_tone_dark`` share
+        ``skin_tone``); the attribute's own name when it stands alone."""
+        for label, names in (self.config.get("attribute_groups") or {}).items():
+            if name in names:
+                return label
+        return name
+
+    def resolve_keep(self, scales: dict[str, float], keep: str | list[str] | None) -> list[str]:
+        """``keep="others"``: every known attribute of another label than the edited ones."""
+        if keep is None:
+            return []
+        if isinstance(keep, str):
+            if keep != "others":
+                return [keep]
+            edited = {self.attribute_label_of(name) for name in scales}
+            return [n for n in self.attribute_names if self.attribute_label_of(n) not in edited]
+        return list(keep)
+
+    def edit_codes(self, z: torch.Tensor, scales: dict[str, float], *,
+                   keep: str | list[str] | None = None) -> torch.Tensor:
         """``z_n + sum_a s_a * sqrt(d) * w_a / |w_a|`` in the normalised space (Diff-AE's recipe).
 
-        ``keep`` names attributes whose classifier outputs should not move: each edit direction is
-        projected orthogonal to their weight vectors.
+        ``keep`` names attributes whose classifier outputs should not move (or ``"others"``: all those
+        of other labels): each edit direction is projected orthogonal to their weight vectors. A
+        direction that the projection nearly cancels is reported with a warning.
         """
         zn = self.normalize_codes(z)
         delta = torch.zeros_like(zn[0])
-        keep_dirs = [self.attribute_direction(k) for k in (keep or []) if k not in scales]
+        keep = self.resolve_keep(scales, keep)
+        keep_dirs = [self.attribute_direction(k) for k in keep if k not in scales]
         basis = None
         if keep_dirs:
             basis, _ = torch.linalg.qr(torch.stack(keep_dirs, dim=1))  # (d, k) orthonormal
@@ -190,6 +212,13 @@ class Family(nn.Module):
             if basis is not None:
                 b = basis.to(zn)
                 d = d - b @ (b.T @ d)
+                left = float(d.norm())
+                if left < 0.2:
+                    import warnings
+
+                    warnings.warn(f"keeping {len(keep_dirs)} attributes leaves only {left:.0%} of the direction of "
+                                  f"{name!r}: the edit is mostly along directions it was asked to keep; keep fewer "
+                                  "attributes or raise the scale", stacklevel=3)
                 d = d / d.norm().clamp_min(1e-12)
             delta = delta + scale * math.sqrt(self.code_dim) * d
         return self.denormalize_codes(zn + delta)
