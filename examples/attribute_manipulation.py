@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-import semdiff
 from semdiff import SemanticAutoencoder
 from semdiff.features import read_image_file
 from semdiff.images import make_grid, save_image
@@ -31,15 +29,8 @@ PREFERRED = ["skin_tone_dark", "skin_tone_5", "skin_tone_medium_dark", "skin_ton
 
 
 def load_model(name: str | None, device: str | None) -> SemanticAutoencoder:
-    if name is not None:
-        return SemanticAutoencoder.from_pretrained(name, device=device)
-    try:
-        return SemanticAutoencoder.from_pretrained(device=device)  # the model bundled with semdiff
-    except Exception as err:  # noqa: BLE001 - not registered as the default yet: look for the folder
-        bundled = Path(semdiff.__file__).parent / "pretrained" / "semdiff-emoji32-diffae"
-        if (bundled / "config.json").is_file():
-            return SemanticAutoencoder.from_pretrained(bundled, device=device)
-        raise SystemExit(f"no default model ({err}); pass --model NAME_OR_FOLDER") from None
+    """``name`` (a registered name, a folder or hf-hub:org/repo), or the model bundled with semdiff."""
+    return SemanticAutoencoder.from_pretrained(name, device=device)
 
 
 def emoji_by_name(names: list[str], size: int) -> torch.Tensor:

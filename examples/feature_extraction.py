@@ -23,22 +23,14 @@ from pathlib import Path
 
 import torch
 
-import semdiff
 from semdiff import SemanticAutoencoder
 from semdiff.features import extract_features, read_image_file
 from semdiff.images import make_grid, save_image
 
 
 def load_model(name: str | None, device: str | None) -> SemanticAutoencoder:
-    if name is not None:
-        return SemanticAutoencoder.from_pretrained(name, device=device)
-    try:
-        return SemanticAutoencoder.from_pretrained(device=device)  # the model bundled with semdiff
-    except Exception as err:  # noqa: BLE001 - not registered as the default yet: look for the folder
-        bundled = Path(semdiff.__file__).parent / "pretrained" / "semdiff-emoji32-diffae"
-        if (bundled / "config.json").is_file():
-            return SemanticAutoencoder.from_pretrained(bundled, device=device)
-        raise SystemExit(f"no default model ({err}); pass --model NAME_OR_FOLDER") from None
+    """``name`` (a registered name, a folder or hf-hub:org/repo), or the model bundled with semdiff."""
+    return SemanticAutoencoder.from_pretrained(name, device=device)
 
 
 def write_emoji_folder(folder: Path, size: int, n: int, seed: int) -> tuple[Path, Path]:
