@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from lightning_helpers import fake_lightning_class  # noqa: F401  (re-exported)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "diffae"
 
@@ -18,17 +18,6 @@ def load_fixture(name: str = "parity_tiny") -> dict[str, torch.Tensor]:
 
 def official_weights(fixture: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("weights."):]: v for k, v in fixture.items() if k.startswith("weights.")}
-
-
-def fake_lightning_class(qualified: str, base: type = object) -> type:
-    """A class importable under Lightning's module path, so pickles name it like real checkpoints do."""
-    module, _, name = qualified.rpartition(".")
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-    cls = type(name, (base,), {"__module__": module})
-    setattr(sys.modules[module], name, cls)
-    return cls
 
 
 def write_lightning_checkpoint(path: Path, state: dict[str, torch.Tensor], *, with_model_copy: bool = True,

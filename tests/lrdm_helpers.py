@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from lightning_helpers import fake_lightning_class  # noqa: F401  (re-exported)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lrdm"
 KEYS = Path(__file__).parent / "fixtures" / "official-keys" / "lrdm"
@@ -37,17 +37,6 @@ def fixture_configs() -> tuple[dict, dict]:
     rep = {"embed_dim": enc["embed_dim"], "encoder": dict(enc["enc_config"]["params"]),
            "decoder": dict(enc["dec_config"]["params"])}
     return dict(meta["unet_config (DiffusionUNetReprCond)"]["params"]), rep
-
-
-def fake_lightning_class(qualified: str, base: type = object) -> type:
-    """A class importable under Lightning's module path, so pickles name it like real checkpoints do."""
-    module, _, name = qualified.rpartition(".")
-    parts = module.split(".")
-    for i in range(1, len(parts) + 1):
-        sys.modules.setdefault(".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
-    cls = type(name, (base,), {"__module__": module})
-    setattr(sys.modules[module], name, cls)
-    return cls
 
 
 def tiny_vq(seed: int = 0):
