@@ -42,7 +42,7 @@ def demo_inputs() -> torch.Tensor:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=NAME)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (decoding and inversion)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps, decoding and inversion (default: the model's, 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="lrdm-emoji.png")
     args = p.parse_args(argv)

@@ -190,10 +190,13 @@ def test_bundled_representation_carries_the_image(bundled, heldout):
     own = bundled.decode(z, x_T, steps=20)
     other = bundled.decode(z.roll(1, 0), x_T, steps=20)  # another image's representation, same noise
     p_own, p_other = psnr(own, heldout).mean(), psnr(other, heldout).mean()
-    assert p_own > p_other + 2, (float(p_own), float(p_other))
-    # the inverted x_T adds what r leaves out
-    rec = bundled.reconstruct(heldout[:8], steps=20, inversion_steps=20)
-    assert psnr(rec, heldout[:8]).mean() > p_own - 0.5
+    assert p_own > p_other + 4, (float(p_own), float(p_other))
+    # the inverted x_T (100 DDIM steps: fewer invert this model poorly) adds what r leaves out, up to the
+    # first stage's own error
+    rec = bundled.reconstruct(heldout[:8], steps=100, inversion_steps=100)
+    p_rec, p_own8 = psnr(rec, heldout[:8]).mean(), psnr(own[:8], heldout[:8]).mean()
+    assert p_rec > p_own8 + 2 and p_rec > 19, (float(p_rec), float(p_own8))
+    assert bundled.config["default_steps"]["encode_stochastic"] >= 100
 
 
 @needs_bundle

@@ -307,7 +307,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         ckpt_every=500, sample_every=2000, log_every=50, preview_steps=20,
         model={"first_stage": _vq([32, 32, 32], 1, 512, 16),
                **_nets(32, (1, 1, 2), 1, (4,), 16, 16, 32, 16),
-               "default_steps": {"encode_stochastic": 50, "decode": 50, "manipulate": 50, "prior": 50},
+               # DDIM inversion of this model needs ~100 steps (PSNR 17.8 dB at 20, 21.1 at 50, 23.1 at 100)
+               "default_steps": {"encode_stochastic": 100, "decode": 100, "manipulate": 100, "prior": 100},
                "train": {"first_stage_steps": 2500, "first_stage_batch_size": 32, "first_stage_lr": 1e-3,
                          "first_stage_warmup_steps": 100, "kl_weight": 1e-3}},
     ),
