@@ -57,7 +57,7 @@ def test_each_stage_lowers_its_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = objective.build_model(cfg, data)
     device = torch.device("cpu")
-    for stage, steps, lr in zip(objective.stages(cfg), (80, 80), (3e-3, 2e-3)):
+    for stage, steps, lr in zip(objective.stages(cfg), (50, 50), (3e-3, 2e-3)):
         batch = objective.stage_data(stage, model, data, device)
         module = objective.loss_module(stage, model)
         params = list(objective.trainable_parameters(stage, model))
@@ -217,3 +217,23 @@ def test_bundled_samples_from_the_prior(bundled):
     assert out.shape == (6, 3, 32, 32) and torch.isfinite(out).all()
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     assert float(out.std(0).mean()) > 0.02  # not one image six times
+
+
+@needs_bundle
+def test_lrdm_example_runs(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "lrdm.png"
+    env = dict(os.environ, SEMDIFF_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "lrdm_emoji.py"), "--steps", "50", "--out",
+                           str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rec, alone = map(float, re.search(r"reconstruction ([\d.]+) dB, r alone ([\d.]+) dB", proc.stdout).groups())
+    assert rec > alone + 2
+    width, height = Image.open(out).size
+    assert width > 8 * 32 and height > 5 * 32
