@@ -412,8 +412,9 @@ def render_card(config: dict[str, Any], *, name: str, metrics: dict[str, Any] | 
     lines += ["## Training", "", "| stage | steps | batch | lr | loss | wall time |", "| --- | --- | --- | --- | --- | --- |"]
     for stage, info in recipe.items():
         minutes = f"{wall[stage] / 60:.1f} min" if stage in wall else "-"
+        loss = str(info.get("loss")).replace("|", "\\|")  # pipes would split the table cell
         lines.append(f"| {stage} | {info.get('steps')} | {info.get('batch_size')} | {info.get('lr')} | "
-                     f"{info.get('loss')} | {minutes} |")
+                     f"{loss} | {minutes} |")
     lines += ["", f"kl_weight {recipe.get('lrdm', {}).get('kl_weight')}; AdamW, gradient clipping "
               f"{training.get('grad_clip')}, EMA {recipe.get('lrdm', {}).get('ema_decay')} (UNet and representation "
               f"networks), seed {training.get('seed')}, {training.get('data_items', '?')} training images, holdout "
