@@ -296,7 +296,8 @@ def manifest_entry(folder: Path, rel_path: str, config: dict[str, Any], metrics:
         "family": "diffusevae",
         "kind": "autoencoder-with-prior",
         "description": (f"DiffuseVAE trained from scratch with `semdiff train --preset {training.get('preset')}` on "
-                        f"{training.get('data_items')} OpenMoji emoji at {size}x{size} (CPU): VAE (z_dim {z_dim}, "
+                        f"{training.get('data_items')} {'OpenMoji emoji' if training.get('data') == 'emoji' else training.get('data')} "
+                        f"images at {size}x{size} (CPU): VAE (z_dim {z_dim}, "
                         f"{config['form'].replace('form', 'Form-')}) and an x̂-conditioned DDPM UNet"
                         + (f", Ex-PDE Gaussian-mixture prior ({gmm['components']} components)" if gmm else "")
                         + ". Ships inside the wheel."),
