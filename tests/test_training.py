@@ -267,3 +267,18 @@ def test_cli_builds_config_from_preset_and_arguments():
     assert cfg.preset == "emoji32" and cfg.steps == 7 and cfg.prior_steps == 6000
     assert cfg.resolved_model()["network"]["z_dim"] == 64
     assert cfg.resolved_model()["network"]["model_channels"] == 32
+
+
+def test_training_record_uses_the_family_stage_record():
+    from semdiff.training.trainer import training_record
+
+    cfg = TrainConfig.from_preset("tiny", out="unused", loss_weighting="x0-mix:100")
+    data = TrainData(name="shapes", images=torch.zeros(4, 3, 16, 16), labels={}, label_names={}, license="procedural")
+    rec = training_record(cfg, data, {"autoencoder": 1.0})
+    assert list(rec["stages"]) == ["autoencoder", "prior", "classifier"]
+    assert rec["stages"]["autoencoder"]["steps"] == cfg.steps
+    assert rec["stages"]["autoencoder"]["loss"] == "eps MSE, timestep weights x0-mix:100"
+    lrdm = TrainConfig.from_preset("lrdm-tiny", out="unused")
+    rec = training_record(lrdm, data, {})
+    assert "autoencoder" not in rec["stages"] and rec["stages"], rec["stages"]
+    assert all(v["steps"] >= 0 for v in rec["stages"].values())

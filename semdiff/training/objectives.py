@@ -93,6 +93,12 @@ class TrainingObjective:
         The trainer moves them to the device and keeps them in checkpoints (``aux.safetensors``)."""
         return None
 
+    def stage_record(self, config: TrainConfig) -> dict[str, dict[str, Any]]:
+        """The stages as recorded in the exported model's ``config.json`` (``training.stages``)."""
+        return {s.name: {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "ema_decay": s.ema_decay,
+                         "warmup_steps": s.warmup_steps, "weight_decay": s.weight_decay}
+                for s in self.stages(config)}
+
     def preview(self, stage: Stage, model: nn.Module, batch: dict[str, torch.Tensor],
                 generator: torch.Generator, steps: int = 20) -> list[tuple[str, torch.Tensor]]:
         """Rows ``(label, images in [0, 1])`` for the progress grid; ``steps``: sampler steps to use."""
@@ -257,6 +263,15 @@ class DiffAEObjective(TrainingObjective):
 
     def auxiliary(self):
         return getattr(self, "aux_decoder", None)
+
+    def stage_record(self, config: TrainConfig) -> dict[str, dict[str, Any]]:
+        record = super().stage_record(config)
+        weighting = "" if config.loss_weighting == "uniform" else f", timestep weights {config.loss_weighting}"
+        record["autoencoder"].update(loss="eps MSE" + weighting, encoder_lr_scale=config.encoder_lr_scale,
+                                     aux_decoder_weight=config.aux_decoder_weight)
+        record["prior"]["loss"] = "eps L1 on normalised codes"
+        record["classifier"]["loss"] = "multi-label BCE on normalised codes"
+        return record
 
     def stages(self, config: TrainConfig) -> list[Stage]:
         return [

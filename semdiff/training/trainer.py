@@ -299,7 +299,7 @@ class Trainer:
         final.requires_grad_(False)
         folder = self.out / MODEL_DIRNAME
         if rt.is_main:
-            self._export(final, folder, cfg, data, elapsed)
+            self._export(final, folder, cfg, data, elapsed, objective)
             self._say(f"wrote {folder}  (stage wall times: "
                       + ", ".join(f"{k} {v / 60:.1f} min" for k, v in elapsed.items()) + ")")
         if cfg.dump_rank_hashes:
@@ -344,18 +344,21 @@ class Trainer:
         path = self.out / "samples" / f"{stage.name}-{step:07d}.png"
         save_labelled_grid(rows, path)
 
-    def _export(self, model, folder: Path, cfg: TrainConfig, data: TrainData, elapsed: dict[str, float]) -> None:
+    def _export(self, model, folder: Path, cfg: TrainConfig, data: TrainData, elapsed: dict[str, float],
+                objective: TrainingObjective | None = None) -> None:
         from semdiff.io import save_model_folder
         from semdiff.training.card import render_model_card
 
-        model.config["training"] = training_record(cfg, data, elapsed)
+        model.config["training"] = training_record(cfg, data, elapsed, objective)
         save_model_folder(model, folder)
         config = json.loads((folder / "config.json").read_text())
         (folder / "README.md").write_text(render_model_card(config, name=folder.name))
 
 
-def training_record(cfg: TrainConfig, data: TrainData, elapsed: dict[str, float]) -> dict[str, Any]:
+def training_record(cfg: TrainConfig, data: TrainData, elapsed: dict[str, float],
+                    objective: TrainingObjective | None = None) -> dict[str, Any]:
     """What goes into the model's ``config.json`` under ``training``: the recipe, the data and its licence."""
+    objective = objective or get_objective(cfg.family)
     return {
         "data": cfg.data,
         "data_items": len(data),
@@ -365,17 +368,7 @@ def training_record(cfg: TrainConfig, data: TrainData, elapsed: dict[str, float]
         "image_size": cfg.image_size,
         "preset": cfg.preset,
         "seed": cfg.seed,
-        "stages": {
-            "autoencoder": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr, "ema_decay": cfg.ema_decay,
-                            "warmup_steps": cfg.warmup_steps, "encoder_lr_scale": cfg.encoder_lr_scale,
-                            "aux_decoder_weight": cfg.aux_decoder_weight,
-                            "loss": "eps MSE" + ("" if cfg.loss_weighting == "uniform"
-                                                 else f", timestep weights {cfg.loss_weighting}")},
-            "prior": {"steps": cfg.prior_steps, "batch_size": cfg.prior_batch_size, "lr": cfg.prior_lr,
-                      "ema_decay": cfg.prior_ema_decay, "loss": "eps L1 on normalised codes"},
-            "classifier": {"steps": cfg.classifier_steps, "batch_size": cfg.classifier_batch_size,
-                           "lr": cfg.classifier_lr, "loss": "multi-label BCE on normalised codes"},
-        },
+        "stages": objective.stage_record(cfg),
         "optimizer": "AdamW", "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip,
         "mixed_precision": cfg.mixed_precision,
         "wall_time_s": {k: round(v, 1) for k, v in elapsed.items()},
