@@ -194,6 +194,14 @@ class DiffuseVAEObjective(TrainingObjective):
         condition = opts["condition"]
         return LossModule(model, lambda m, aux, images: ddpm_loss(m, aux, images, condition))
 
+    def stage_record(self, config: TrainConfig) -> dict[str, dict[str, Any]]:
+        record = super().stage_record(config)
+        opts = self._options()
+        record["vae"]["loss"] = f"official ELBO: sum MSE + {opts['kl_weight']:g} KL (reported per pixel)"
+        record["ddpm"]["loss"] = ("eps MSE on the frozen VAE's reparameterised x̂" if opts["condition"] == "vae"
+                                  else "eps MSE, condition zeroed (unconditional baseline)")
+        return record
+
     @torch.no_grad()
     def preview(self, stage, model, batch, generator, steps=20):
         from semdiff.families.diffusevae.sampling import sample_chain
@@ -344,6 +352,8 @@ def training_record(config: dict[str, Any]) -> dict[str, Any]:
     (its generic record names them autoencoder/prior/classifier)."""
     training = config.get("training") or {}
     stages = training.get("stages", {})
+    if "vae" in stages or "ddpm" in stages:  # recorded by DiffuseVAEObjective.stage_record
+        return {k: dict(stages[k]) for k in ("vae", "ddpm") if k in stages}
     ae, prior = stages.get("autoencoder", {}), stages.get("prior", {})
     return {
         "vae": {k: ae.get(k) for k in ("steps", "batch_size", "lr", "ema_decay", "warmup_steps")}
