@@ -223,6 +223,10 @@ class SemanticAutoencoder:
         for s in progress_bar(starts, total=len(starts), enabled=bars, desc=desc):
             yield slice(s, min(n, s + self.batch_size))
 
+    def _inverted(self, decode_options: dict[str, Any]) -> dict[str, Any]:
+        """Decode options for x_T from ``encode_stochastic``: the family's, then the caller's."""
+        return {**self.family.inverted_decode_options, **decode_options}
+
     def _is_codes(self, value: Any) -> bool:
         return isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, torch.Tensor) for v in value)
 
@@ -288,7 +292,8 @@ class SemanticAutoencoder:
         x01 = to_model_input(images, self.image_size, resize=resize)
         z = self.encode(x01, progress=progress)
         x_T = self.encode_stochastic(x01, z, steps=inversion_steps, progress=progress, **(inversion_options or {}))
-        return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress, **decode_options)
+        return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress,
+                           **self._inverted(decode_options))
 
     def interpolate(self, a: Any, b: Any, num: int = 10, steps: int | None = None, *,
                     inversion_steps: int | None = None, inversion_options: dict[str, Any] | None = None,
@@ -308,7 +313,8 @@ class SemanticAutoencoder:
             x_T = slerp(xa, xb, alpha)
         else:
             x_T = xa[None].expand(num, *xa.shape).clone()
-        return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress, **decode_options)
+        return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress,
+                           **self._inverted(decode_options))
 
     def _as_codes(self, value: Any, inversion_steps, resize, progress, inversion_options=None) -> Codes:
         if self._is_codes(value):
@@ -376,7 +382,7 @@ class SemanticAutoencoder:
         with torch.inference_mode():
             z_edit = self.family.edit_codes(z, scales, keep=keep if isinstance(keep, str) else list(keep or []))
         return self.decode(z_edit, x_T, steps=self._steps("manipulate", steps), output_type=output_type,
-                           progress=progress, **decode_options)
+                           progress=progress, **self._inverted(decode_options))
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:

@@ -489,7 +489,7 @@ def evaluate_model(model: Any = None, *, data: str | None = None, split: str = "
                          **image_metrics(rec_z, x), "seconds": round(time.time() - t1, 1)})
             t1 = time.time()
             x_T = ae.encode_stochastic(x, z, steps=T, progress=False)
-            rec = ae.decode(z, x_T, steps=T, progress=False)
+            rec = ae.decode(z, x_T, steps=T, progress=False, **ae.family.inverted_decode_options)
             recon_cache[T] = (x_T, rec)
             rows.append({"name": f"z_sem + inverted x_T, T={T}", "code": "z+x_T", "T": T,
                          **image_metrics(rec, x), "seconds": round(time.time() - t1, 1)})
@@ -506,7 +506,7 @@ def evaluate_model(model: Any = None, *, data: str | None = None, split: str = "
         x_T, rec = recon_cache.get(edit_steps) or (None, None)
         if x_T is None:
             x_T = ae.encode_stochastic(x, z, steps=edit_steps, progress=False)
-            rec = ae.decode(z, x_T, steps=edit_steps, progress=False)
+            rec = ae.decode(z, x_T, steps=edit_steps, progress=False, **ae.family.inverted_decode_options)
         result["edit"] = edit_report(ae, z, x_T, rec, scale=edit_scale, max_items=edit_items, steps=edit_steps)
         _log(f"edits: mean success {result['edit']['mean_success']:.3f}, moved {result['edit']['mean_moved']:.3f}")
 
@@ -617,7 +617,7 @@ def edit_report(ae, z: torch.Tensor, x_T: torch.Tensor, rec: torch.Tensor, *, sc
         if len(cand) == 0:
             continue
         z_e = ae.family.edit_codes(z[cand].to(ae.device), {name: scale}).cpu()
-        x_e = ae.decode(z_e, x_T[cand], steps=steps, progress=False)
+        x_e = ae.decode(z_e, x_T[cand], steps=steps, progress=False, **ae.family.inverted_decode_options)
         p_e = torch.stack(list(ae.classify(ae.encode(x_e, progress=False)).values()), 1)
         others = [j for j, other in enumerate(names) if family[other] != family[name]]
         moved = p_e[:, a] > p_ref[cand, a]

@@ -214,15 +214,20 @@ def test_bundled_model_reconstructs_held_out_emoji(bundled):
     x = test.float_images()[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:8]]
     z = ae.encode(x)
     assert z.shape == (8, ae.family.code_dim)
-    # 10 steps: DDIM inversion of this briefly trained CPU model loses accuracy with more steps (see the card)
-    x_T = ae.encode_stochastic(x, z, steps=10)
-    rec = ae.decode(z, x_T, steps=10)
+    # inversion and decode both unclipped (what reconstruct() does): near-exact, better with more steps
+    rec10 = ae.reconstruct(x, steps=10, inversion_steps=10)
+    rec = ae.reconstruct(x, steps=50, inversion_steps=50)
+    x_T = ae.encode_stochastic(x, z, steps=50)
+    assert torch.equal(rec, ae.decode(z, x_T, steps=50, clip_denoised=False))
+    clipped = ae.decode(z, x_T, steps=50)  # the official clamp of x0 breaks the round trip of this model
     noise = ae.family.random_stochastic(len(x), generator=torch.Generator().manual_seed(1))
-    rec_z = ae.decode(z, ae.family.start_state(z.to(ae.device), noise), steps=10)
+    rec_z = ae.decode(z, ae.family.start_state(z.to(ae.device), noise), steps=50)
     p_inv, p_z = _psnr(rec, x), _psnr(rec_z, x)
+    assert p_inv.min() > 28.0, p_inv
+    assert p_inv.mean() > _psnr(rec10, x).mean() + 3.0
+    assert p_inv.mean() > _psnr(clipped, x).mean() + 10.0
     # the inverted x_T carries what the 1x1 latent cannot hold: it beats a random start on the same code
-    assert p_inv.mean() > p_z.mean() + 0.5, (p_inv, p_z)
-    assert (p_inv > p_z).float().mean() >= 0.75, (p_inv, p_z)
+    assert p_inv.mean() > p_z.mean() + 10.0, (p_inv, p_z)
     # and the VAE's x̂ = VAE(z) is a (blurry) reconstruction: far better than another image's x̂
     with torch.no_grad():
         xhat = (ae.family.vae_reconstruction(z.to(ae.device)).cpu().clamp(-1, 1) + 1) / 2

@@ -50,6 +50,9 @@ class Family(nn.Module):
     family_name: ClassVar[str] = ""
     #: options ``decode`` accepts beyond (z, x_T, steps, generator, progress)
     decode_options: ClassVar[frozenset[str]] = frozenset()
+    #: decode options for x_T that came from ``encode_stochastic`` (``reconstruct``, ``interpolate``,
+    #: ``manipulate`` use them; the caller's options win)
+    inverted_decode_options: ClassVar[dict[str, Any]] = {}
     #: how ``interpolate`` blends stochastic codes: "slerp" or "fixed" (x_T held fixed)
     stochastic_interpolation: ClassVar[str] = "slerp"
     #: how ``interpolate`` blends semantic codes by default: "lerp" or "slerp"

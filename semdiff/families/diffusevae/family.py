@@ -60,7 +60,10 @@ def _check_choice(name: str, value: Any, choices) -> str:
 @register_family
 class DiffuseVAE(Family):
     family_name = "diffusevae"
-    decode_options = frozenset({"sampler", "spacing", "guidance_weight", "temperature", "variance", "ddpm_noise", "eta"})
+    decode_options = frozenset({"sampler", "spacing", "guidance_weight", "temperature", "variance", "ddpm_noise", "eta",
+                                "clip_denoised"})
+    # an inverted x_T decodes back to its image only through the unclipped chain (see invert_chain)
+    inverted_decode_options = {"clip_denoised": False}
     stochastic_interpolation = "fixed"
     default_steps = {"encode_stochastic": 100, "decode": 100, "manipulate": 100, "prior": 1}
 
@@ -199,6 +202,7 @@ class DiffuseVAE(Family):
         ddpm_noise: torch.Tensor | None = None,
         eta: float = 0.0,
         callback: Callable[[int, torch.Tensor], None] | None = None,
+        clip_denoised: bool = True,
         **options,
     ) -> torch.Tensor:
         """Images in [-1, 1] from codes z (B, z_dim) and starting states x_T (B, 3, H, W).
@@ -209,7 +213,8 @@ class DiffuseVAE(Family):
         drawn noise (not a given x_T); ``ddpm_noise``: the per-step noise of the sampler, shape
         (steps, 3, H, W), shared by the batch (the official ``ddpm_latents``; unused by an eta = 0
         DDIM, which draws none); ``eta``: DDIM's stochasticity. ``callback(k, x)`` (family level
-        only) sees the official state after k steps.
+        only) sees the official state after k steps. ``clip_denoised`` (default: the official clamp
+        of x0 to [-1, 1]); ``False`` to decode an x_T from ``encode_stochastic`` exactly.
         """
         if options:
             raise FeatureNotSupported(f"DiffuseVAE's decode has no option(s) {sorted(options)}; it takes: "
@@ -236,7 +241,8 @@ class DiffuseVAE(Family):
         shift = cond if self.form == "form2" else None
         eps_fn = self._eps_fn(z, cond, w, shift)
         return sample_chain(eps_fn, x_T, tables, method=sampler, shift=shift, variance=variance or "fixedlarge",
-                            eta=eta, noise=ddpm_noise, generator=generator, callback=callback, progress=progress)
+                            eta=eta, noise=ddpm_noise, generator=generator, callback=callback, progress=progress,
+                            clip_denoised=bool(clip_denoised))
 
     def _check_ddpm_noise(self, noise: Any, steps: int, used: int, x_T: torch.Tensor) -> torch.Tensor:
         shape = self.stochastic_shape()
@@ -251,16 +257,17 @@ class DiffuseVAE(Family):
 
     def encode_stochastic(self, x: torch.Tensor, z: torch.Tensor, *, steps: int, progress: bool = False,
                           sampler: str | None = None, spacing: str | None = None, guidance_weight: float = 0.0,
-                          eta: float = 0.0, **options) -> torch.Tensor:
+                          eta: float = 0.0, clip_denoised: bool = False, **options) -> torch.Tensor:
         """x_T (the actual start state; x̂ included in Form-2) by DDIM inversion around x̂ = VAE(z).
 
-        ``decode(z, x_T, steps=steps, sampler="ddim", spacing=..., guidance_weight=...)`` maps it back
-        to (approximately) x. Only the deterministic DDIM (eta = 0) can be inverted.
+        ``decode(z, x_T, steps=steps, sampler="ddim", spacing=..., guidance_weight=..., clip_denoised=False)``
+        maps it back to (approximately) x; ``reconstruct``/``interpolate``/``manipulate`` do that. Only
+        the deterministic DDIM (eta = 0) can be inverted.
         """
         if options:
             raise FeatureNotSupported(
                 f"DiffuseVAE's encode_stochastic has no option(s) {sorted(options)}; it takes: sampler ('ddim'), "
-                "spacing, guidance_weight (temperature, variance and ddpm_noise only concern drawn starts)")
+                "spacing, guidance_weight, clip_denoised (temperature, variance and ddpm_noise only concern drawn starts)")
         if (sampler or "ddim") != "ddim":
             raise FeatureNotSupported("only the deterministic DDIM sampler can be inverted; the ancestral (ddpm) "
                                       "sampler adds fresh noise at every step")
@@ -270,7 +277,8 @@ class DiffuseVAE(Family):
         tables = self._tables(steps, spacing)
         cond = self.vae_reconstruction(z)
         shift = cond if self.form == "form2" else None
-        return invert_chain(self._eps_fn(z, cond, w, shift), x, tables, shift=shift, progress=progress)
+        return invert_chain(self._eps_fn(z, cond, w, shift), x, tables, shift=shift, progress=progress,
+                            clip_denoised=bool(clip_denoised))
 
     # ---- prior -----------------------------------------------------------------------------------
     @property

@@ -192,6 +192,7 @@ def sample_chain(
     generator: torch.Generator | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = False,
+    clip_denoised: bool = True,
 ) -> torch.Tensor:
     """Run the respaced chain from the actual start ``x_T`` (at ``tables.timesteps[-1]``) to a sample.
 
@@ -199,7 +200,8 @@ def sample_chain(
     ``ddpm_latents``, consumed first to last; also DDIM's noise when eta > 0); otherwise z is drawn
     from ``generator``.
     ``callback(k, x)`` sees the official state after k steps (x̂ still included in Form-2 until the
-    last step). Returns the final sample, with x̂ subtracted in Form-2.
+    last step). Returns the final sample, with x̂ subtracted in Form-2. ``clip_denoised=False`` skips
+    the official clamp of x0 to [-1, 1] (what decoding an inverted x_T needs, see ``invert_chain``).
     """
     if method not in SAMPLERS:
         raise ValueError(f"unknown sampler {method!r}; DiffuseVAE has {', '.join(SAMPLERS)}")
@@ -209,7 +211,9 @@ def sample_chain(
     for k, i in enumerate(progress_bar(reversed(range(n)), total=n, enabled=progress, desc=method)):
         t = torch.full((y.shape[0],), tables.timesteps[i], dtype=torch.long, device=y.device)
         eps = eps_fn(y, t)
-        x0 = (c.sqrt_recip[i] * y - c.sqrt_recipm1[i] * eps).clamp(-1.0, 1.0)
+        x0 = c.sqrt_recip[i] * y - c.sqrt_recipm1[i] * eps
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
         if method == "ddpm":
             mean = c.coef_x0[i] * x0 + c.coef_xt[i] * y
             if i > 0:
@@ -236,6 +240,7 @@ def invert_chain(
     *,
     shift: torch.Tensor | None = None,
     progress: bool = False,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Deterministic DDIM inversion (not in the official code): clean image -> the x_T that the
     eta = 0 DDIM of ``sample_chain`` over the same tables maps back to it.
@@ -250,6 +255,11 @@ def invert_chain(
     (N network calls; exact when eps does not change between neighbouring states). In Form-2 the
     clean *state* is x0 + x̂, so y starts at the image itself. Returns the actual starting state
     at t_{N-1}, x̂ included in Form-2.
+
+    The clamp of x0' (``clip_denoised=True``) mirrors the official decode, but where the network's x0
+    leaves [-1, 1] (noisy steps of a model that is not fully trained) it destroys what the round trip
+    needs: invert and decode both unclipped (the default here, and what ``reconstruct`` does) for a
+    near-exact reconstruction.
     """
     n = len(tables)
     y = x0
@@ -259,7 +269,9 @@ def invert_chain(
         t = torch.full((y.shape[0],), tables.timesteps[i], dtype=torch.long, device=y.device)
         eps = eps_fn(y, t)
         if k > 0:
-            y = (c.sqrt_recip[i] * y - c.sqrt_recipm1[i] * eps).clamp(-1.0, 1.0)
+            y = c.sqrt_recip[i] * y - c.sqrt_recipm1[i] * eps
+            if clip_denoised:
+                y = y.clamp(-1.0, 1.0)
         ab = c.alpha_bar[k]
         y = y * torch.sqrt(ab) + torch.sqrt(1 - ab) * eps
     return y if shift is None else y + shift
