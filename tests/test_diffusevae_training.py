@@ -244,3 +244,25 @@ def test_bundled_model_samples_with_both_priors(bundled, prior):
     assert torch.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     assert images.std() > 0.05  # not a flat image
     assert not math.isnan(float(images.mean()))
+
+
+@needs_bundle
+def test_example_runs_on_the_bundled_model(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    out = tmp_path / "dv.png"
+    env = dict(os.environ, SEMDIFF_PROGRESS="0", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "diffusevae_emoji.py"), "--steps", "30",
+                           "--sample-steps", "5", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    x_hat, z_only, rec = map(float, re.search(
+        r"x_hat ([\d.]+) dB, z with random x_T ([\d.]+) dB, reconstruction ([\d.]+) dB", proc.stdout).groups())
+    assert rec > x_hat + 10 and rec > z_only + 10  # the inverted x_T carries the detail
+    width, height = Image.open(out).size
+    assert width > 8 * 32 and height > 7 * 32
