@@ -169,7 +169,9 @@ class SemanticAutoencoder:
 
     def _steps(self, kind: str, steps: int | None) -> int:
         if steps is None:
-            return int(self.family.config.get("default_steps", {}).get(kind, self.family.default_steps[kind]))
+            defaults = {**self.family.default_steps, **self.family.config.get("default_steps", {})}
+            # "reconstruct": decoding an inverted x_T (reconstruct, interpolate); the decode default otherwise
+            return int(defaults.get(kind, defaults["decode"]))
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         return steps
@@ -292,8 +294,8 @@ class SemanticAutoencoder:
         x01 = to_model_input(images, self.image_size, resize=resize)
         z = self.encode(x01, progress=progress)
         x_T = self.encode_stochastic(x01, z, steps=inversion_steps, progress=progress, **(inversion_options or {}))
-        return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress,
-                           **self._inverted(decode_options))
+        return self.decode(z, x_T, steps=self._steps("reconstruct", steps), output_type=output_type,
+                           progress=progress, **self._inverted(decode_options))
 
     def interpolate(self, a: Any, b: Any, num: int = 10, steps: int | None = None, *,
                     inversion_steps: int | None = None, inversion_options: dict[str, Any] | None = None,
@@ -313,8 +315,8 @@ class SemanticAutoencoder:
             x_T = slerp(xa, xb, alpha)
         else:
             x_T = xa[None].expand(num, *xa.shape).clone()
-        return self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress,
-                           **self._inverted(decode_options))
+        return self.decode(z, x_T, steps=self._steps("reconstruct", steps), output_type=output_type,
+                           progress=progress, **self._inverted(decode_options))
 
     def _as_codes(self, value: Any, inversion_steps, resize, progress, inversion_options=None) -> Codes:
         if self._is_codes(value):

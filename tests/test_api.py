@@ -366,3 +366,22 @@ def test_keep_others(model, fx):
         for name in others:
             i = model.attributes.index(name)
             torch.testing.assert_close(after[:, i], before[:, i], atol=1e-3, rtol=0)
+
+
+def test_reconstruct_default_steps_key(folder, images, tmp_path):
+    """``default_steps["reconstruct"]`` (when a model sets it) is the decode grid of inverted codes."""
+    import shutil
+
+    shutil.copytree(folder, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["default_steps"] = {"encode_stochastic": 4, "decode": 2, "reconstruct": 4, "manipulate": 4, "prior": 2}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    m = SemanticAutoencoder.from_pretrained(tmp_path / "m", progress=False)
+    z = m.encode(images)
+    x_T = m.encode_stochastic(images, z)
+    assert torch.equal(m.reconstruct(images), m.decode(z, x_T, steps=4))
+    assert not torch.equal(m.decode(z, x_T), m.decode(z, x_T, steps=4))  # decode keeps its own default
+    assert m._steps("reconstruct", None) == 4 and m._steps("decode", None) == 2
+    del cfg["default_steps"]["reconstruct"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert SemanticAutoencoder.from_pretrained(tmp_path / "m", progress=False)._steps("reconstruct", None) == 2
