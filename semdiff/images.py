@@ -168,6 +168,12 @@ def make_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: floa
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Save a (3,H,W) tensor in [0, 1] as PNG (or whatever the suffix says)."""
     path = Path(path)
+    from PIL import Image
+
+    Image.init()
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"cannot save an image to {str(path)!r}: the file name needs an image suffix "
+                         "such as .png or .jpg")
     path.parent.mkdir(parents=True, exist_ok=True)
     to_output(image[None], "pil")[0].save(path)
     return path

@@ -385,3 +385,13 @@ def test_reconstruct_default_steps_key(folder, images, tmp_path):
     del cfg["default_steps"]["reconstruct"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     assert SemanticAutoencoder.from_pretrained(tmp_path / "m", progress=False)._steps("reconstruct", None) == 2
+
+
+def test_save_image_needs_an_image_suffix(tmp_path):
+    from semdiff.images import save_image
+
+    with pytest.raises(ValueError, match="image suffix"):
+        save_image(torch.zeros(3, 4, 4), tmp_path / "no_suffix")
+    assert not (tmp_path / "no_suffix").exists()
+    out = save_image(torch.ones(3, 4, 4), tmp_path / "a.png")
+    assert np.asarray(Image.open(out)).min() == 255
