@@ -71,6 +71,8 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
                 lines.append(f"- {key}: {_fmt(value)}")
             elif isinstance(value, str):
                 lines.append(f"- {key}: {value}")
+            elif isinstance(value, Mapping):
+                lines.append(f"- {key}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in value.items()))
         lines.append("")
     if metrics.get("runtime_s") is not None:
         lines.append(f"(evaluation took {metrics['runtime_s']:.0f} s on {metrics.get('device', '?')})")

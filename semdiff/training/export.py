@@ -88,6 +88,8 @@ def compact_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     for key in ("semdiff_fd_samples_vs_heldout", "semdiff_fd_train_vs_heldout"):
         if key in sq:
             out[key] = round(sq[key], 3)
+    for prior, value in (sq.get("semdiff_fd_samples_vs_heldout_by_prior") or {}).items():
+        out[f"semdiff_fd_samples_vs_heldout_{prior}"] = round(value, 3)
     return out
 
 
