@@ -20,6 +20,18 @@ PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
 NAME = "semdiff-emoji32-diffae"
 
 
+#: the manifest fields of every model trained on the OpenMoji emoji (weights and outputs are adaptations)
+EMOJI_LICENSE_FIELDS: dict[str, str] = {
+    "license": "cc-by-sa-4.0",
+    "license_note": "Trained on OpenMoji artwork (CC BY-SA 4.0): the weights and their outputs are adaptations "
+                    "shared under CC BY-SA 4.0. Attribution: 'All emojis designed by OpenMoji - the open-source "
+                    "emoji and icon project. License: CC BY-SA 4.0'.",
+    "data_license": "CC-BY-SA-4.0 (OpenMoji, https://openmoji.org); labels from Unicode emoji-test.txt "
+                    "(Unicode License)",
+    "training_data": "emoji (semdiff.data.load_emoji, OpenMoji font), held-out split excluded",
+}
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -44,13 +56,7 @@ def manifest_entry(folder: Path, rel_path: str, config: dict[str, Any], metrics:
                         "linear attribute classifiers (skin tone, Unicode group). Ships inside the wheel."),
         "status": "bundled",
         "source": {"type": "bundled", "path": rel_path, "files": files},
-        "license": "cc-by-sa-4.0",
-        "license_note": "Trained on OpenMoji artwork (CC BY-SA 4.0): the weights and their outputs are adaptations "
-                        "shared under CC BY-SA 4.0. Attribution: 'All emojis designed by OpenMoji - the open-source "
-                        "emoji and icon project. License: CC BY-SA 4.0'.",
-        "data_license": "CC-BY-SA-4.0 (OpenMoji, https://openmoji.org); labels from Unicode emoji-test.txt "
-                        "(Unicode License)",
-        "training_data": "emoji (semdiff.data.load_emoji, OpenMoji font), held-out split excluded",
+        **EMOJI_LICENSE_FIELDS,
         "paper": {
             "title": "Diffusion Autoencoders: Toward a Meaningful and Decodable Representation",
             "authors": "Konpat Preechakul, Nattanat Chatthee, Suttisak Wizadwongsa, Supasorn Suwajanakorn",

@@ -325,7 +325,7 @@ for _name, _values in PRESETS.items():
 def manifest_entry(folder: Path, rel_path: str, config: dict[str, Any], metrics: dict[str, Any] | None) -> dict:
     """The manifest entry of a bundled LRDM trained by ``semdiff train`` (called by ``export_bundled``); also
     rewrites the folder's README.md with an LRDM model card (the generic card describes Diff-AE)."""
-    from semdiff.training.export import compact_metrics, sha256_file
+    from semdiff.training.export import EMOJI_LICENSE_FIELDS, compact_metrics, sha256_file
 
     files = {name: {"sha256": sha256_file(folder / name), "size": (folder / name).stat().st_size}
              for name in ("config.json", "model.safetensors")}
@@ -347,13 +347,7 @@ def manifest_entry(folder: Path, rel_path: str, config: dict[str, Any], metrics:
                         "Ships inside the wheel."),
         "status": "bundled",
         "source": {"type": "bundled", "path": rel_path, "files": files},
-        "license": "cc-by-sa-4.0",
-        "license_note": "Trained on OpenMoji artwork (CC BY-SA 4.0): the weights and their outputs are adaptations "
-                        "shared under CC BY-SA 4.0. Attribution: 'All emojis designed by OpenMoji - the open-source "
-                        "emoji and icon project. License: CC BY-SA 4.0'.",
-        "data_license": "CC-BY-SA-4.0 (OpenMoji, https://openmoji.org); labels from Unicode emoji-test.txt "
-                        "(Unicode License)",
-        "training_data": "emoji (semdiff.data.load_emoji, OpenMoji font), held-out split excluded",
+        **EMOJI_LICENSE_FIELDS,
         "paper": {
             "title": "Representation Learning with Diffusion Models",
             "authors": "Jeremias Traub",
