@@ -82,16 +82,11 @@ def metrics_markdown(metrics: Mapping[str, Any]) -> str:
 def render_model_card(config: Mapping[str, Any], *, name: str, metrics: Mapping[str, Any] | None = None) -> str:
     """The model card of a trained model; a family's ``semdiff.families.<family>.training.render_card``
     writes its own where it has one."""
-    family = config.get("family", "diffae")
-    if family != "diffae":
-        import importlib
+    from semdiff.training.config import family_training_module
 
-        try:
-            module = importlib.import_module(f"semdiff.families.{family}.training")
-        except ModuleNotFoundError:
-            module = None
-        if module is not None and hasattr(module, "render_card"):
-            return module.render_card(dict(config), name=name, metrics=dict(metrics) if metrics else None)
+    render_card = getattr(family_training_module(config.get("family", "diffae")), "render_card", None)
+    if render_card is not None:
+        return render_card(dict(config), name=name, metrics=dict(metrics) if metrics else None)
     training = config.get("training") or {}
     data_license = training.get("data_license") or ""
     openmoji = "OpenMoji" in data_license or training.get("data") == "emoji"

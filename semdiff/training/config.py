@@ -39,8 +39,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     prior_ema_decay: float = 0.999
     grad_clip: float = 1.0
-    #: per-timestep weights of the autoencoder's eps-MSE: "uniform" (the papers), or "snr-trunc:<max>":
-    #: ``clamp(1 / SNR(t), 1, max)`` normalised to mean 1, the x0-space error for noisy t, capped
+    #: per-timestep weights of the autoencoder's eps-MSE: "uniform" (the papers), "snr-trunc:<max>" or
+    #: "x0-mix:<max>" (see ``semdiff.training.objectives.timestep_weights``)
     loss_weighting: str = "uniform"
     #: learning-rate multiplier of the semantic encoder in the autoencoder stage
     encoder_lr_scale: float = 1.0
@@ -175,13 +175,21 @@ def register_preset(name: str, values: dict[str, Any]) -> None:
     PRESETS[name] = values
 
 
-def load_family_presets() -> None:
-    """Import every family's ``training`` module, which registers the family's presets and objective."""
+def family_training_module(family: str):
+    """``semdiff.families.<family>.training`` (where a family registers its objective and presets, and may
+    define ``manifest_entry`` / ``render_card``), or ``None`` when the family has no such module."""
     import importlib
 
+    name = f"semdiff.families.{family}.training"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name not in (name, f"semdiff.families.{family}"):
+            raise
+        return None
+
+
+def load_family_presets() -> None:
+    """Import every family's ``training`` module, which registers the family's presets and objective."""
     for family in ("diffae", "diffusevae", "lrdm"):
-        try:
-            importlib.import_module(f"semdiff.families.{family}.training")
-        except ModuleNotFoundError as err:
-            if err.name != f"semdiff.families.{family}.training":
-                raise
+        family_training_module(family)

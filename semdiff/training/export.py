@@ -125,12 +125,9 @@ def export_bundled(model_folder: str | Path, *, name: str = NAME, metrics_path: 
 
 def family_manifest_entry(config: dict[str, Any]):
     """``manifest_entry`` of the model's family: its ``semdiff.families.<family>.training`` may define its own."""
-    import importlib
+    from semdiff.training.config import family_training_module
 
-    family = config.get("family", "diffae")
-    if family == "diffae":
-        return manifest_entry
-    return getattr(importlib.import_module(f"semdiff.families.{family}.training"), "manifest_entry")
+    return getattr(family_training_module(config.get("family", "diffae")), "manifest_entry", manifest_entry)
 
 
 def export_demo_inputs(dest: Path = PRETRAINED / "demo-emoji", *, holdout: float = 0.1, image_size: int = 32,

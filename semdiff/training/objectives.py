@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semdiff.training.config import TrainConfig
+from semdiff.training.config import TrainConfig, family_training_module
 from semdiff.training.data import TrainData, attribute_targets
 
 OBJECTIVES: dict[str, type["TrainingObjective"]] = {}
@@ -40,20 +40,10 @@ def register_objective(cls: type["TrainingObjective"]) -> type["TrainingObjectiv
 def get_objective(family: str) -> "TrainingObjective":
     """The registered objective of ``family``; a family's objective may live in ``semdiff.families.<family>.training``."""
     if family not in OBJECTIVES:
-        _import_family_training(family)
+        family_training_module(family)
     if family not in OBJECTIVES:
         raise ValueError(f"no training objective for family {family!r}; trainable: {sorted(OBJECTIVES)}")
     return OBJECTIVES[family]()
-
-
-def _import_family_training(family: str) -> None:
-    import importlib
-
-    try:
-        importlib.import_module(f"semdiff.families.{family}.training")
-    except ModuleNotFoundError as err:
-        if err.name != f"semdiff.families.{family}.training" and err.name != f"semdiff.families.{family}":
-            raise
 
 
 @dataclass
