@@ -658,20 +658,22 @@ def sample_quality(ae, train, test, *, num_samples: int = 1000, steps: int = 20,
                             generator=torch.Generator().manual_seed(seed), progress=False)
         out["num_samples"] = num_samples
         out["sample_decode_steps"] = steps
-        out["semdiff_fd_samples_vs_heldout"] = frechet_distance(*feature_statistics(extract_features(net, samples)),
-                                                                *stats_test)
-        out["semdiff_fd_samples_vs_train"] = frechet_distance(*feature_statistics(extract_features(net, samples)),
-                                                              *feature_statistics(f_train))
+        stats_samples = feature_statistics(extract_features(net, samples))
+        out["semdiff_fd_samples_vs_heldout"] = frechet_distance(*stats_samples, *stats_test)
+        out["semdiff_fd_samples_vs_train"] = frechet_distance(*stats_samples, *feature_statistics(f_train))
         out["sampling_seconds"] = round(time.time() - t1, 1)
-        # families with several priors (DiffuseVAE: "normal" and a fitted "gmm"): every one, same seed
+        # families with several priors (DiffuseVAE: "normal" and a fitted "gmm"): every one, same seed;
+        # the default prior's samples are the ones above
         priors = list(getattr(ae.family, "available_priors", []) or [])
         if len(priors) > 1:
-            out["semdiff_fd_samples_vs_heldout_by_prior"] = {}
+            by_prior = out["semdiff_fd_samples_vs_heldout_by_prior"] = {}
             for prior in priors:
+                if prior == ae.family.default_prior:
+                    by_prior[prior] = out["semdiff_fd_samples_vs_heldout"]
+                    continue
                 s_p = ae.sample(num_samples, steps=steps, prior_steps=prior_steps, prior=prior,
                                 generator=torch.Generator().manual_seed(seed), progress=False)
-                out["semdiff_fd_samples_vs_heldout_by_prior"][prior] = frechet_distance(
-                    *feature_statistics(extract_features(net, s_p)), *stats_test)
+                by_prior[prior] = frechet_distance(*feature_statistics(extract_features(net, s_p)), *stats_test)
     if inception is not None:
         inc = load_inception(inception)
         i_test = extract_features(inc, test.images, batch_size=32)

@@ -282,8 +282,13 @@ def test_evaluate_reports_sample_quality_for_both_priors(tiny_run):
     by_prior = sq["semdiff_fd_samples_vs_heldout_by_prior"]
     assert set(by_prior) == {"normal", "gmm"} and all(v >= 0 for v in by_prior.values())
     assert by_prior["normal"] != by_prior["gmm"]  # different codes, different samples
-    # the default prior's figure is the same computation as its entry by prior (same seed)
-    default = "gmm" if ae.family.prior_gmm else "normal"
+    # the default prior's figure is the same computation as its entry by prior (same seed): sampling
+    # without ``prior`` is sampling from ``default_prior``
+    default = ae.family.default_prior
+    assert default == ("gmm" if ae.family.prior_gmm else "normal") == "gmm"
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(ae.sample(4, steps=2, generator=g(), progress=False),
+                       ae.sample(4, steps=2, generator=g(), prior=default, progress=False))
     assert abs(by_prior[default] - sq["semdiff_fd_samples_vs_heldout"]) < 1e-6
     compact = compact_metrics({"data": {"split": "test", "items": len(test)}, "sample_quality": sq})
     assert compact["semdiff_fd_samples_vs_heldout_gmm"] == round(by_prior["gmm"], 3)

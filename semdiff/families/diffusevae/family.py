@@ -289,13 +289,18 @@ class DiffuseVAE(Family):
     def available_priors(self) -> list[str]:
         return ["normal", "gmm"] if self.prior_gmm else ["normal"]
 
+    @property
+    def default_prior(self) -> str:
+        """What ``sample_codes`` draws from without ``prior``: the fitted mixture when one is stored."""
+        return "gmm" if self.prior_gmm else "normal"
+
     def sample_codes(self, n: int, *, steps: int | None = None, generator: torch.Generator | None = None,
                      progress: bool = False, prior: str | None = None, **options) -> torch.Tensor:
         """z (n, z_dim) from N(0, I) (``prior="normal"``) or the fitted mixture (``"gmm"``, the default
         when one is stored)."""
         if options:
             raise FeatureNotSupported(f"DiffuseVAE's prior has no option(s) {sorted(options)}; it takes: prior")
-        prior = prior or ("gmm" if self.prior_gmm else "normal")
+        prior = prior or self.default_prior
         _check_choice("prior", prior, PRIORS)
         device = self.vae.enc.mu.weight.device
         if prior == "gmm":

@@ -79,7 +79,7 @@ class RespacedTables:
     @classmethod
     def build(cls, schedule: DiffusionSchedule, timesteps: Sequence[int]) -> "RespacedTables":
         keep = set(timesteps)
-        alphas_cumprod = torch.cumprod(1.0 - schedule.betas, dim=0)
+        alphas_cumprod = schedule.alphas_cumprod
         last, new_betas, kept = 1.0, [], []
         for i, ac in enumerate(alphas_cumprod):  # the official loop, for its float64 rounding
             if i in keep:
@@ -116,7 +116,7 @@ def q_sample(schedule: DiffusionSchedule, x0: torch.Tensor, t: torch.Tensor, noi
              shift: torch.Tensor | None = None) -> torch.Tensor:
     """The forward process at original timesteps t (B,): ``sqrt(abar_t) x0 [+ x̂] + sqrt(1 - abar_t) noise``
     (the official ``compute_noisy_input`` of Form-1, and of Form-2 with ``shift`` = x̂)."""
-    abar = torch.cumprod(1.0 - schedule.betas, dim=0)
+    abar = schedule.alphas_cumprod
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = torch.sqrt(abar)[t.cpu()].float().reshape(shape).to(x0.device)
     b = torch.sqrt(1.0 - abar)[t.cpu()].float().reshape(shape).to(x0.device)
