@@ -342,13 +342,14 @@ class SemanticAutoencoder:
                                       "use decode() with codes from encode()")
         if n < 1:
             raise ValueError("n must be at least 1")
+        decode_options = decode_options or {}
         # x_T's noise is drawn before the prior's: the official RNG order.
         noise = self._random_stochastic(n, generator)
         with self._compute():
             z = self.family.sample_codes(n, steps=self._steps("prior", prior_steps), generator=generator,
                                          progress=self._progress(progress), **prior_options).float()
-            x_T = self.family.start_state(z, noise, **(decode_options or {}))
-        images = self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress, **(decode_options or {}))
+            x_T = self.family.start_state(z, noise, **decode_options)
+        images = self.decode(z, x_T, steps=steps, output_type=output_type, progress=progress, **decode_options)
         return (images, z, x_T) if return_codes else images
 
     def classify(self, images_or_codes: Any, *, resize: bool = False) -> dict[str, torch.Tensor]:
@@ -367,7 +368,8 @@ class SemanticAutoencoder:
 
         ``attribute`` is a name (with ``scale``) or ``{name: scale}`` for several at once. ``keep``
         lists attributes to hold fixed, or ``"others"`` for every known attribute of another label: the
-        edit direction is made orthogonal to their classifier weights. The step of the official recipe is ``scale * sqrt(code_dim)`` in the normalised space.
+        edit direction is made orthogonal to their classifier weights. The step of the official recipe
+        is ``scale * sqrt(code_dim)`` in the normalised space.
         """
         scales = {attribute: float(scale)} if isinstance(attribute, str) else {k: float(v) for k, v in attribute.items()}
         for name in scales:
@@ -382,7 +384,7 @@ class SemanticAutoencoder:
             x_T = self.encode_stochastic(x01, z, steps=inversion_steps, progress=progress,
                                          **(inversion_options or {}))
         with torch.inference_mode():
-            z_edit = self.family.edit_codes(z, scales, keep=keep if isinstance(keep, str) else list(keep or []))
+            z_edit = self.family.edit_codes(z, scales, keep=keep)
         return self.decode(z_edit, x_T, steps=self._steps("manipulate", steps), output_type=output_type,
                            progress=progress, **self._inverted(decode_options))
 

@@ -13,6 +13,7 @@ work through it for all families alike.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -217,8 +218,6 @@ class Family(nn.Module):
                 d = d - b @ (b.T @ d)
                 left = float(d.norm())
                 if left < 0.2:
-                    import warnings
-
                     warnings.warn(f"keeping {len(keep_dirs)} attributes leaves only {left:.0%} of the direction of "
                                   f"{name!r}: the edit is mostly along directions it was asked to keep; keep fewer "
                                   "attributes or raise the scale", stacklevel=3)
