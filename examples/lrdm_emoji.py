@@ -15,11 +15,9 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-import semdiff
+from demo import load_inputs  # the demo's held-out emoji (examples/demo.py)
 from semdiff import SemanticAutoencoder
 from semdiff.training.grids import save_labelled_grid
 
@@ -29,14 +27,6 @@ NAME = "semdiff-emoji32-lrdm"
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = (a.clamp(0, 1) - b).pow(2).flatten(1).mean(1)
     return float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean())
-
-
-def demo_inputs() -> torch.Tensor:
-    """The eight held-out emoji of the demo (semdiff/pretrained/demo-emoji/inputs.png), (8,3,32,32) in [0, 1]."""
-    strip = np.asarray(Image.open(Path(semdiff.__file__).parent / "pretrained" / "demo-emoji" / "inputs.png")
-                       .convert("RGB"), dtype=np.float32) / 255
-    x = torch.from_numpy(strip).permute(2, 0, 1)
-    return torch.stack(list(x.split(x.shape[1], dim=2)))
 
 
 def main(argv=None) -> None:
@@ -49,7 +39,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     model = SemanticAutoencoder.from_pretrained(args.model)
     g = lambda: torch.Generator().manual_seed(args.seed)  # noqa: E731
-    x = demo_inputs()
+    x, _ = load_inputs()
     z = model.encode(x)
     rec = model.reconstruct(x, steps=args.steps, inversion_steps=args.steps)
     r_only = model.decode(z, model.family.random_stochastic(len(x), generator=g()), steps=args.steps)
