@@ -8,7 +8,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,16 +15,6 @@ FIXTURES = Path(__file__).parent / "fixtures" / "diffusevae"
 KEYS = Path(__file__).parent / "fixtures" / "official-keys" / "diffusevae"
 
 _CACHE: dict[str, object] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """The tiny fixture networks gain nothing from threads, and on a busy machine OpenMP's spinning
-    threads make them many times slower: run these modules on one thread, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def load_fixture() -> dict[str, torch.Tensor]:

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from diffusevae_helpers import single_thread  # noqa: F401  (autouse)
 from diffusevae_helpers import convert_fixture, fixture_json, load_fixture
 from semdiff import SemanticAutoencoder
 from semdiff.families.base import FeatureNotSupported
 from semdiff.families.diffusevae import DiffuseVAE
 from semdiff.families.diffusevae.prior import fit_gmm, sample_gmm
 from semdiff.io import load_model_folder, save_model_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 J = fixture_json()
 TOL = J["tolerances"]

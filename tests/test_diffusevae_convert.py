@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusevae_helpers import single_thread  # noqa: F401  (autouse)
 from diffusevae_helpers import (
     KEYS,
     convert_fixture,
@@ -30,6 +29,8 @@ from semdiff.families.diffusevae.convert import (
     infer_form,
 )
 from semdiff.io import load_model_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 LAYOUTS = sorted(p for p in KEYS.glob("keys_*.json") if p.stem != "keys_summary")
 RELEASED_NAME = {"cifar10": "cifar10", "celeba64": "celeba64", "celebamaskhq128": "celebamaskhq128",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusevae_helpers import single_thread  # noqa: F401  (autouse)
 from diffusevae_helpers import fixture_json, load_fixture, official_state
 from semdiff.families.diffusevae import DiffuseVAE, VAEConfig
 from semdiff.families.diffusevae.sampling import RespacedTables, diffusevae_timesteps
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 J = fixture_json()
 TOL = J["tolerances"]

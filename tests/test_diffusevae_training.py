@@ -17,12 +17,7 @@ needs_bundle = pytest.mark.skipif(not (BUNDLE / "model.safetensors").is_file(),
                                   reason=f"the bundled {NAME} is not in this checkout")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -148,7 +143,6 @@ def test_export_loads_by_api_and_round_trips(tiny_run, tmp_path):
 
 
 def test_unconditional_baseline_ignores_the_condition(tmp_path):
-    from semdiff.families.diffusevae.training import ddpm_loss
     from semdiff.training.config import TrainConfig
     from semdiff.training.data import load_data
     from semdiff.training.objectives import get_objective

@@ -11,12 +11,7 @@ import torch
 from semdiff import evaluation as ev
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_psnr_mse_of_identical_and_known_images():

@@ -35,13 +35,7 @@ def fx():
     return load_fixture()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny networks: threads only add synchronisation cost (and noise on a shared machine)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module", params=["reference", "sdpa"])

@@ -20,12 +20,7 @@ needs_bundle = pytest.mark.skipif(not (BUNDLE / "model.safetensors").is_file(),
                                   reason=f"the bundled {NAME} is not in this checkout")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,13 +24,7 @@ from semdiff.training.trainer import BatchSampler, weights_hash
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bitwise comparisons need one thread count, and one thread is fastest on a shared CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out, **kw) -> TrainConfig:
